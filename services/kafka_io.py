@@ -1,0 +1,69 @@
+"""Thin aiokafka helpers shared by every service: topic creation, producers, readiness.
+
+Keys are raw UTF-8 strings hashed with murmur2 (aiokafka's and Java's default partitioner), so any producer of
+ours lands a subject on the same partition as the broker-side tools would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+
+async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
+                        compacted: Iterable[str] = ()) -> None:
+    """Create the topics that do not exist yet (infinite retention; compaction where asked)."""
+    compacted = set(compacted)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(name, num_partitions=partitions, replication_factor=1,
+                     topic_configs={"retention.ms": "-1",
+                                    "cleanup.policy": "compact" if name in compacted else "delete"})
+            for name in names if name not in existing
+        ]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+async def _ready(bootstrap: str) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    try:
+        await admin.start()
+        await admin.describe_cluster()
+        return True
+    except Exception:
+        return False
+    finally:
+        try:
+            await admin.close()
+        except Exception:
+            pass
+
+
+def broker_ready(bootstrap: str) -> bool:
+    """True when a broker answers a metadata request (synchronous, for scripts)."""
+    return asyncio.run(_ready(bootstrap))
+
+
+async def broker_ready_async(bootstrap: str) -> bool:
+    return await _ready(bootstrap)
+
+
+def make_producer(bootstrap: str, **overrides) -> AIOKafkaProducer:
+    """An idempotent producer (acks=all): a retried send never writes a message twice."""
+    opts = dict(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5,
+                max_batch_size=262144, request_timeout_ms=10000, compression_type=None)
+    opts.update(overrides)
+    return AIOKafkaProducer(**opts)
