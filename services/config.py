@@ -29,7 +29,8 @@ class Topics:
 
 @dataclass(frozen=True)
 class Settings:
-    bootstrap: str = field(default_factory=lambda: _env("LEADLEDGER_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    bootstrap: str = field(default_factory=lambda: _env(
+        "LEADLEDGER_KAFKA_BOOTSTRAP", f"127.0.0.1:{_env('LEADLEDGER_KAFKA_PORT', '9092')}"))
     partitions: int = field(default_factory=lambda: int(_env("LEADLEDGER_PARTITIONS", "12")))
     topics: Topics = field(default_factory=Topics)
     database_url: str = field(default_factory=lambda: _env("LEADLEDGER_DATABASE_URL", "sqlite:///leadledger.db"))

@@ -1,0 +1,84 @@
+"""The `leadledger` command line: runs the services, the local stack, the offline tools.
+
+Each subcommand imports its module lazily, so `leadledger infra up` works before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Callable
+
+# subcommand -> (module:function taking argv and returning an exit code, help)
+DELEGATED: dict[str, tuple[str, str]] = {
+    "ingest": ("services.ingest:main", "run the ingest HTTP service (pixel, JS snippet, batch API, forms)"),
+    "processor": ("services.processor:main", "run the stream processor (identity + lead fold on faust)"),
+    "backtest": ("projections.backtest:main", "fold a rule set over events offline (JSONL file)"),
+    "demo": ("services.demo:main", "send a few journeys through the running stack and show the result"),
+    "stack": ("services.stack:main", "set up the local stack and run every service in the foreground"),
+}
+
+
+def _resolve(target: str) -> Callable[[list[str]], int]:
+    mod, fn = target.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _infra(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="leadledger infra", description="the local Kafka broker and PostgreSQL")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--only", choices=["kafka", "postgres"], help="act on one of the two only")
+    a = p.parse_args(argv)
+    from deploy import infra
+
+    kafka = a.only in (None, "kafka")
+    postgres = a.only in (None, "postgres")
+    if a.action == "up":
+        cfg = infra.up(kafka=kafka, postgres=postgres)
+        if kafka:
+            import asyncio
+
+            from services.config import settings
+            from services.kafka_io import ensure_topics
+
+            s = settings()
+            asyncio.run(ensure_topics(cfg.bootstrap, s.topics.all(), s.partitions))
+    elif a.action == "down":
+        infra.down(kafka=kafka, postgres=postgres)
+    else:
+        print(json.dumps(infra.status(), indent=2, default=str))
+    return 0
+
+
+def _rules(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="leadledger rules", description="rule sets for marketing ops")
+    p.add_argument("action", choices=["validate"])
+    a, rest = p.parse_known_args(argv)
+    return _resolve("projections.rules:validate_main")(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"infra": "start/stop/inspect the local Kafka broker and PostgreSQL",
+                "rules": "validate rule-set files",
+                **{k: v[1] for k, v in DELEGATED.items()}}
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: leadledger COMMAND [ARGS...]\n\ncommands:")
+        for name, help_ in commands.items():
+            print(f"  {name:<10} {help_}")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "infra":
+        return _infra(rest)
+    if cmd == "rules":
+        return _rules(rest)
+    if cmd in DELEGATED:
+        return int(_resolve(DELEGATED[cmd][0])(rest) or 0)
+    print(f"leadledger: unknown command {cmd!r}; try leadledger --help", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The local stack is real: the broker answers Kafka requests and PostgreSQL answers SQL."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from deploy import infra
+from services.kafka_io import ensure_topics
+
+
+async def test_broker_round_trip(kafka_bootstrap: str, unique: str) -> None:
+    topic = f"infra-{unique}"
+    await ensure_topics(kafka_bootstrap, [topic], partitions=3)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    try:
+        md = await producer.send_and_wait(topic, b"hello", key=b"lead-1")
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        batch = await consumer.getmany(timeout_ms=10000)
+        values = [(m.key, m.value, m.partition) for msgs in batch.values() for m in msgs]
+    finally:
+        await consumer.stop()
+    assert values == [(b"lead-1", b"hello", md.partition)]
+
+
+def test_postgres_answers(pg_dsn: str) -> None:
+    engine = sa.create_engine(pg_dsn)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("select current_database()")).scalar() == "leadledger_test"
+        assert conn.execute(sa.text("show server_version")).scalar().startswith("15")
+
+
+def test_second_start_reuses_the_cache(infra_cfg: infra.InfraConfig, kafka_bootstrap: str) -> None:
+    # The broker is up, so its jars were fetched; fetching again must be a no-op (no Maven run).
+    assert (infra_cfg.kafka_libs / ".complete").exists()
+    assert infra.fetch_kafka(infra_cfg) == infra_cfg.kafka_libs
+    assert infra.status(infra_cfg)["kafka"]["listening"] is True
