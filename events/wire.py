@@ -1,0 +1,60 @@
+"""The wire format of a touchpoint on Kafka (docs/design.md): orjson JSON, every field present, nulls included.
+
+``encode(env)`` -> bytes; ``decode(raw)`` -> plain dict upcast to the current schema version (no validation:
+the log only holds validated events); ``subject_key(env)`` -> the Kafka key (lead_id, else email, else
+anonymous_id). Timestamps are RFC 3339 UTC with microseconds (``2026-03-01T09:00:00.123000+00:00``), so
+they sort lexicographically.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Union
+
+import orjson
+
+from events.envelope import Envelope, format_ts
+from events.upcast import upcast
+
+FIELDS = ("event_id", "type", "occurred_at", "received_at", "lead_id", "anonymous_id", "email", "source",
+          "campaign", "payload", "schema_version")
+
+
+def to_wire_dict(env: Envelope) -> dict[str, Any]:
+    """The envelope as the plain dict that goes on the wire (and that ``decode`` returns)."""
+    return {
+        "event_id": env.event_id,
+        "type": env.type,
+        "occurred_at": format_ts(env.occurred_at),
+        "received_at": format_ts(env.received_at),
+        "lead_id": env.lead_id,
+        "anonymous_id": env.anonymous_id,
+        "email": env.email,
+        "source": env.source,
+        "campaign": env.campaign,
+        "payload": env.payload,
+        "schema_version": env.schema_version,
+    }
+
+
+def encode(env: Envelope) -> bytes:
+    """orjson bytes of the envelope, in the wire format."""
+    return orjson.dumps(to_wire_dict(env))
+
+
+def decode(raw: Union[bytes, bytearray, memoryview, str]) -> dict[str, Any]:
+    """Parse a touchpoint and upcast it to the current schema version; returns a plain dict."""
+    d = orjson.loads(raw)
+    if not isinstance(d, dict):
+        raise ValueError("a touchpoint must be a JSON object")
+    return upcast(d)
+
+
+def subject_key(env: Union[Envelope, Mapping[str, Any]]) -> str:
+    """The subject as sent: lead_id, else (normalised) email, else anonymous_id."""
+    if isinstance(env, Envelope):
+        key = env.lead_id or env.email or env.anonymous_id
+    else:
+        key = env.get("lead_id") or env.get("email") or env.get("anonymous_id")
+    if not key:
+        raise ValueError("event has no subject (lead_id, email or anonymous_id)")
+    return key
