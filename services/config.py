@@ -16,6 +16,7 @@ class Topics:
 
     touchpoints: str = field(default_factory=lambda: _env("LEADLEDGER_TOPIC_TOUCHPOINTS", "touchpoints"))
     by_lead: str = field(default_factory=lambda: _env("LEADLEDGER_TOPIC_BY_LEAD", "touchpoints-by-lead"))
+    by_anon: str = field(default_factory=lambda: _env("LEADLEDGER_TOPIC_BY_ANON", "touchpoints-by-anon"))
     scores: str = field(default_factory=lambda: _env("LEADLEDGER_TOPIC_SCORES", "lead-scores"))
     stages: str = field(default_factory=lambda: _env("LEADLEDGER_TOPIC_STAGES", "lead-stages"))
     handoffs: str = field(default_factory=lambda: _env("LEADLEDGER_TOPIC_HANDOFFS", "lead-handoffs"))
@@ -23,7 +24,7 @@ class Topics:
     rejected: str = field(default_factory=lambda: _env("LEADLEDGER_TOPIC_REJECTED", "rejected"))
 
     def all(self) -> list[str]:
-        return [self.touchpoints, self.by_lead, self.scores, self.stages, self.handoffs, self.intent_alerts,
+        return [self.touchpoints, self.by_lead, self.by_anon, self.scores, self.stages, self.handoffs, self.intent_alerts,
                 self.rejected]
 
 

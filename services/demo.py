@@ -1,0 +1,135 @@
+"""The README demo: three B2B journeys sent through the running ingest service, then what the processor made of them.
+
+1. Aiko (anonymous visitor → lead → MQL): pixel page views and a whitepaper download under a cookie, a form that
+   identifies her (the anonymous history joins her lead), pricing views, a seminar and a meeting → hand-off.
+2. Ben (a list entry): a form without the full attribute set → stays `known`.
+3. Chie (sales-generated lead): a CRM stage change straight to `sql`, and an illegal one that is rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+
+from services.config import Settings, settings as load_settings
+
+API_KEY = os.environ.get("LEADLEDGER_DEMO_API_KEY", "dev-crm-key")
+
+
+def _ts(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).isoformat()
+
+
+def journeys(run: str, now: datetime) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """(pixel hits, batch envelopes) of the three journeys; `run` makes ids unique per demo run."""
+    cookie = f"demo-{run}-aiko"
+    t0 = now - timedelta(hours=3)
+    pixel = [
+        {"type": "page_viewed", "url": "https://example.jp/product", "aid": cookie, "eid": f"{run}-p1",
+         "ts": _ts(t0)},
+        {"type": "content_downloaded", "url": "https://example.jp/wp/dx-guide", "aid": cookie, "eid": f"{run}-p2",
+         "ts": _ts(t0 + timedelta(minutes=2)), "asset": "wp-dx-guide", "title": "DX guide"},
+        {"type": "page_viewed", "url": "https://example.jp/product/features", "aid": cookie, "eid": f"{run}-p3",
+         "ts": _ts(t0 + timedelta(minutes=5))},
+    ]
+    aiko = f"aiko.tanaka+{run}@example.jp"
+    ben = f"ben.ito+{run}@example.jp"
+    chie = f"chie.mori+{run}@example.jp"
+    full = {"name": "Aiko Tanaka", "email": aiko, "company": "Tanaka Seiki", "department": "IT",
+            "title": "IT Manager", "phone": "+81-3-0000-0000", "company_size": "800", "industry": "manufacturing"}
+
+    def ev(i: str, type_: str, at: datetime, **kw: Any) -> dict[str, Any]:
+        return {"event_id": f"{run}-{i}", "type": type_, "occurred_at": _ts(at), **kw}
+
+    batch = [
+        ev("a1", "form_submitted", t0 + timedelta(minutes=10), email=aiko, anonymous_id=cookie,
+           payload={"form_id": "whitepaper", "fields": full}),
+        ev("a2", "page_viewed", t0 + timedelta(minutes=20), email=aiko, payload={"url": "https://example.jp/pricing"}),
+        ev("a3", "page_viewed", t0 + timedelta(minutes=25), email=aiko, payload={"url": "https://example.jp/pricing"}),
+        ev("a4", "event_attended", t0 + timedelta(minutes=60), email=aiko, payload={"event": "DX seminar Tokyo"}),
+        ev("a5", "meeting_booked", t0 + timedelta(minutes=90), email=aiko, payload={"slot": "next Tuesday 10:00"}),
+        ev("b1", "form_submitted", t0 + timedelta(minutes=30), email=ben,
+           payload={"form_id": "newsletter", "fields": {"name": "Ben Ito", "email": ben}}),
+        ev("b2", "page_viewed", t0 + timedelta(minutes=31), email=ben, payload={"url": "https://example.jp/blog"}),
+        ev("c1", "attribute_updated", t0 + timedelta(minutes=40), email=chie,
+           payload={"attributes": {"name": "Chie Mori", "company": "Mori Trading", "title": "Director"}}),
+        ev("c2", "stage_changed", t0 + timedelta(minutes=41), email=chie,
+           payload={"to": "sql", "reason": "met at trade show", "by": "sales:kato"}),
+        ev("c3", "stage_changed", t0 + timedelta(minutes=42), email=ben,
+           payload={"to": "won", "reason": "typo in CRM", "by": "sales:kato"}),
+    ]
+    return pixel, batch
+
+
+async def send(base_url: str, run: str) -> list[str]:
+    pixel, batch = journeys(run, datetime.now(timezone.utc))
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        for hit in pixel:
+            r = await client.get("/t.gif", params=hit)
+            r.raise_for_status()
+        r = await client.post("/v1/events", json={"events": batch}, headers={"X-API-Key": API_KEY})
+        r.raise_for_status()
+        results = r.json()["results"]
+    bad = [x for x in results if x["status"] != "accepted"]
+    if bad:
+        raise RuntimeError(f"demo events not accepted: {bad}")
+    return [e["email"] for e in batch if e["event_id"].endswith(("a1", "b1", "c1"))]
+
+
+async def show(cfg: Settings, leads: list[str], timeout: float = 60.0) -> int:
+    from services.derived_reader import latest_by_lead, read_topic
+
+    t = cfg.topics
+    deadline = asyncio.get_running_loop().time() + timeout
+    handoffs: list[dict[str, Any]] = []
+    while asyncio.get_running_loop().time() < deadline:
+        handoffs = [h for h in await read_topic(cfg.bootstrap, t.handoffs) if h.get("lead") in leads]
+        if handoffs:
+            break
+        await asyncio.sleep(0.5)
+    scores = latest_by_lead(await read_topic(cfg.bootstrap, t.scores))
+    stages = latest_by_lead(await read_topic(cfg.bootstrap, t.stages))
+    rejected = [r for r in await read_topic(cfg.bootstrap, t.rejected)
+                if (r.get("event") or {}).get("email") in leads]
+    alerts = [a for a in await read_topic(cfg.bootstrap, t.intent_alerts) if a.get("lead") in leads]
+    print("\n== leads ==")
+    print(f"{'lead':<42} {'stage':<10} {'fit':>5} {'engagement':>11}")
+    for lead in leads:
+        s, st = scores.get(lead, {}), stages.get(lead, {})
+        print(f"{lead:<42} {st.get('to', 'known'):<10} {s.get('fit', 0):>5} {s.get('engagement', 0):>11.2f}")
+    print("\n== hand-offs (topic lead-handoffs) ==")
+    for h in handoffs:
+        print(f"{h['lead']}: episode {h['episode']}, score {h['score']:.1f} under rules {h['rules_version']}")
+        for tp in h.get("top_touchpoints", [])[:5]:
+            print(f"    {tp['rule']:<22} {tp['type']:<20} {tp['contribution']:6.2f}  ({tp['event_id']})")
+    print("\n== intent alerts ==")
+    for a in alerts:
+        print(f"{a['lead']}: {a['rule']} ({a['first_event_id']} → {a['then_event_id']})")
+    print("\n== rejected ==")
+    for r in rejected:
+        print(f"{r['event']['event_id']}: {r['reason']}")
+    if not handoffs:
+        print("no hand-off arrived in time: is the processor running?", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="leadledger demo")
+    p.add_argument("--ingest-url", default=os.environ.get("LEADLEDGER_INGEST_URL", "http://127.0.0.1:8080"))
+    a = p.parse_args(argv or [])
+    run = uuid.uuid4().hex[:6]
+
+    async def go() -> int:
+        leads = await send(a.ingest_url, run)
+        print(f"sent 3 journeys (run {run}) through {a.ingest_url}")
+        return await show(load_settings(), leads)
+
+    return asyncio.run(go())
