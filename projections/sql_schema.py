@@ -1,0 +1,243 @@
+"""The SQL projections for BI (PRODUCT.md §5): tables, views, and the Alembic entry points.
+
+The tables below are the *head* of the migration history in ``projections/migrations``; a test compares them
+with what the migrations build, so a change here needs a new revision. Columns are documented for analysts in
+``docs/projections.md``.
+
+All timestamps are stored in UTC (``TIMESTAMP WITH TIME ZONE`` on PostgreSQL, ISO text on SQLite) and read back
+as timezone-aware UTC datetimes. Every value comes from event data, never from the wall clock, so replaying the
+same log builds byte-identical tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+#: the main funnel path; conversion is measured between neighbours (PRODUCT.md §4 stages)
+FUNNEL_PATH: tuple[str, ...] = ("known", "lead", "mql", "sal", "sql", "opportunity", "won")
+STAGES: tuple[str, ...] = ("anonymous", "known", "lead", "mql", "sal", "sql", "opportunity", "won", "lost",
+                           "recycled")
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """A timezone-aware UTC datetime on every dialect (SQLite keeps naive text, so UTC is re-attached)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+
+metadata = sa.MetaData()
+
+leads = sa.Table(
+    "leads", metadata,
+    sa.Column("lead", sa.String(255), primary_key=True),
+    sa.Column("email", sa.String(320)),
+    sa.Column("stage", sa.String(32)),
+    sa.Column("fit", sa.Float, nullable=False, server_default="0"),
+    sa.Column("engagement", sa.Float, nullable=False, server_default="0"),
+    sa.Column("score", sa.Float, nullable=False, server_default="0"),
+    sa.Column("rules_version", sa.String(64)),
+    sa.Column("attributes", JSONType, nullable=False),
+    sa.Column("first_touch_at", UTCDateTime()),
+    sa.Column("last_touch_at", UTCDateTime()),
+    sa.Column("first_source", sa.String(64)),
+    sa.Column("first_campaign", sa.String(255)),
+    sa.Column("cohort", sa.String(7)),
+    sa.Column("mql_at", UTCDateTime()),
+    sa.Column("owner", sa.String(255)),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("handoffs", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("score_seq", sa.Integer),
+    sa.Column("stage_seq", sa.Integer),
+    sa.Index("ix_leads_stage", "stage"),
+    sa.Index("ix_leads_first_touch_at", "first_touch_at"),
+    # revision 0002
+    sa.Index("ix_leads_score_lead", "score", "lead"),
+    sa.Index("ix_leads_updated_at_lead", "updated_at", "lead"),
+    sa.Index("ix_leads_mql_at_lead", "mql_at", "lead"),
+)
+
+lead_stage_history = sa.Table(
+    "lead_stage_history", metadata,
+    sa.Column("event_id", sa.String(512), primary_key=True),
+    sa.Column("lead", sa.String(255), nullable=False),
+    sa.Column("n", sa.Integer),
+    sa.Column("from_stage", sa.String(32)),
+    sa.Column("to_stage", sa.String(32), nullable=False),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("left_at", UTCDateTime()),
+    sa.Column("cause_event_id", sa.String(512)),
+    sa.Column("rules_version", sa.String(64)),
+    sa.Column("reason", sa.Text),
+    sa.Column("by", sa.String(255)),
+    sa.Index("ix_lead_stage_history_lead_n", "lead", "n"),
+    sa.Index("ix_lead_stage_history_to_stage_at", "to_stage", "at"),
+)
+
+lead_score_history = sa.Table(
+    "lead_score_history", metadata,
+    sa.Column("event_id", sa.String(512), primary_key=True),
+    sa.Column("lead", sa.String(255), nullable=False),
+    sa.Column("seq", sa.Integer),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("fit", sa.Float, nullable=False),
+    sa.Column("engagement", sa.Float, nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("fit_before", sa.Float),
+    sa.Column("engagement_before", sa.Float),
+    sa.Column("explanation", JSONType),
+    sa.Column("cause_event_id", sa.String(512)),
+    sa.Column("rules_version", sa.String(64)),
+    sa.Index("ix_lead_score_history_lead_seq", "lead", "seq"),
+)
+
+handoffs = sa.Table(
+    "handoffs", metadata,
+    sa.Column("event_id", sa.String(512), primary_key=True),
+    sa.Column("lead", sa.String(255), nullable=False),
+    sa.Column("episode", sa.Integer, nullable=False),
+    sa.Column("at", UTCDateTime(), nullable=False),
+    sa.Column("fit", sa.Float),
+    sa.Column("engagement", sa.Float),
+    sa.Column("score", sa.Float),
+    sa.Column("rules_version", sa.String(64)),
+    sa.Column("cause_event_id", sa.String(512)),
+    sa.Column("explanation", JSONType),
+    sa.Column("top_touchpoints", JSONType),
+    sa.Column("first_sales_touch_at", UTCDateTime()),
+    sa.Column("time_to_first_touch_s", sa.Float),
+    sa.Index("ix_handoffs_lead_episode", "lead", "episode"),
+)
+
+touchpoint_archive = sa.Table(
+    "touchpoint_archive", metadata,
+    sa.Column("event_id", sa.String(128), primary_key=True),
+    sa.Column("lead", sa.String(255), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("occurred_at", UTCDateTime(), nullable=False),
+    sa.Column("received_at", UTCDateTime()),
+    sa.Column("source", sa.String(64)),
+    sa.Column("campaign", sa.String(255)),
+    sa.Column("envelope", JSONType, nullable=False),
+    sa.Index("ux_touchpoint_archive_lead_seq", "lead", "seq", unique=True),
+)
+
+projector_offsets = sa.Table(
+    "projector_offsets", metadata,
+    sa.Column("consumer_group", sa.String(255), primary_key=True),
+    sa.Column("topic", sa.String(255), primary_key=True),
+    sa.Column("partition", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("next_offset", sa.BigInteger, nullable=False),
+)
+
+TABLES = (leads, lead_stage_history, lead_score_history, handoffs, touchpoint_archive, projector_offsets)
+#: SQL views, created by revision 0001 (plain SQL valid on SQLite and PostgreSQL)
+VIEWS = ("funnel_conversion", "funnel_transitions")
+
+
+
+# ---------------------------------------------------------------- engines and migrations
+
+def make_engine(url: str, **kw) -> sa.Engine:
+    """An engine with sane defaults: SQLite with a busy timeout, PostgreSQL with pre-ping."""
+    if url.startswith("sqlite"):
+        kw.setdefault("connect_args", {"timeout": 5})
+    else:
+        kw.setdefault("pool_pre_ping", True)
+    return sa.create_engine(url, **kw)
+
+
+def alembic_config(database_url: str):
+    """An Alembic config built in code (no alembic.ini needed in the working directory)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    """Upgrade the database to `revision` (default: the latest)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(database_url), revision)
+
+
+def downgrade(database_url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(database_url), revision)
+
+
+def current_revision(database_url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def drop_all(database_url: str) -> None:
+    """Drop every projection table, view and the Alembic version table (for a rebuild)."""
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for v in VIEWS:
+                conn.execute(sa.text(f"DROP VIEW IF EXISTS {v}"))
+            metadata.drop_all(conn)
+            conn.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
+    finally:
+        engine.dispose()
+
+
+def migrate_main(argv: list[str] | None = None) -> int:
+    """``leadledger projections migrate [--revision REV] [--database-url URL]``."""
+    p = argparse.ArgumentParser(prog="leadledger projections migrate",
+                                description="create or upgrade the SQL projections (Alembic)")
+    p.add_argument("--database-url", default=os.environ.get("LEADLEDGER_DATABASE_URL", "sqlite:///leadledger.db"))
+    p.add_argument("--revision", default="head", help="target revision (default: head)")
+    p.add_argument("--downgrade", action="store_true", help="downgrade to --revision instead")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.downgrade:
+        downgrade(a.database_url, a.revision)
+    else:
+        migrate(a.database_url, a.revision)
+    print(f"projections at revision {current_revision(a.database_url)}")
+    return 0
