@@ -415,7 +415,8 @@ class CompiledRuleSet:
 
     __slots__ = ("model", "version", "effective_from", "eff", "h_s", "half_life_days", "eng_rules", "dispatch",
                  "capped", "fit_rules", "lead_attributes", "min_fit", "min_engagement", "required_attributes",
-                 "require_qualification", "cooldown_s", "intents", "intent_by_name", "transitions")
+                 "require_qualification", "cooldown_s", "intents", "intent_by_name", "intent_first", "intent_then",
+                 "transitions")
 
     def __init__(self, rs: RuleSet):
         self.model = rs
@@ -463,6 +464,13 @@ class CompiledRuleSet:
                             _compile_conditions(a.then), a.within_hours * 3600.0))
         self.intents = tuple(intents)
         self.intent_by_name = {a[1]: a for a in intents}
+        first: dict[str, list] = {}
+        then: dict[str, list] = {}
+        for a in intents:
+            first.setdefault(a[2], []).append(a)
+            then.setdefault(a[4], []).append(a)
+        self.intent_first = {k: tuple(v) for k, v in first.items()}
+        self.intent_then = {k: tuple(v) for k, v in then.items()}
         if rs.stages is not None:
             self.transitions = {k: tuple(v) for k, v in rs.stages.transitions.items()}
         else:

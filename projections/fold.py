@@ -1,0 +1,762 @@
+"""The lead fold (PRODUCT.md §4): one touchpoint at a time into a compact, serialisable lead state.
+
+Pure: no I/O, no clock, no globals (module constants only). The same code runs in the faust processor, the CLI
+(backtest/replay) and the tests.
+
+Public API
+----------
+- ``fold(state, event, book, *, merge_from=None, emit=True) -> (LeadState, list[dict])``
+  folds one wire-format touchpoint (plain dict, docs/design.md) into ``state`` (``None`` = a new subject keyed
+  from the event), **mutating and returning it**, with the derived events (``lead_scored``, ``lead_stage_changed``,
+  ``lead_handed_off``, ``intent_alert``, ``event_rejected``). ``merge_from``: the anonymous subject's state that
+  this event joins to the lead (merged first, then the event is folded and the lead evaluated once).
+  ``emit=False`` skips building derived events (offline backtests); the state is identical either way.
+- ``merge(lead, anon, book) -> LeadState``: joins an anonymous subject's history into a lead (mutates ``lead``),
+  as if the anonymous events had been the lead's from the start, histories ordered by (received_at, event_id).
+  No evaluation, no derived events, the lead's stage machine is kept (never re-folded).
+- ``LeadState``: ``new(key, anonymous)``, ``to_bytes()``, ``from_bytes(b)``, ``summary()``, ``attributes``.
+- ``Identity``: the anonymous id -> lead map and the routing rule of §4 (``route(event)``).
+- ``Ledger(book)``: an in-memory fold of a whole log (arrival order), with global dedupe and identity routing;
+  used by the backtest and the tests.
+- ``subject_of(event) -> (lead_key | None, anonymous_id | None)``; ``parse_ts(s) -> float`` epoch seconds.
+
+Numerics: per rule set, the decayed sum is kept valued at the lead's evaluation time t (``total`` at ``A`` = t):
+when t advances it is rescaled by 0.5^((t_new − t_old)/h) and a new contribution adds points·0.5^((t − occ)/h)
+(exactly ``points`` when occ = t, so sums of simultaneous events are exact). Per-rule sums (for explanations) are
+rescaled lazily. Aggregates are kept for every rule set of the book at once, so a switch of the rule set in force
+is free. Time is in seconds; h = half_life_days · 86400.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable, Optional, Union
+
+import orjson
+
+from projections.rules import (DEFAULT_LEAD_ATTRIBUTES, DEFAULT_TRANSITIONS, STAGES, CompiledRuleSet, RuleBook,
+                               conditions_hold)
+
+TOP_K = 5                 # top contributing touchpoints kept per rule set (for hand-offs)
+DEDUPE_WINDOW = 1000      # event ids remembered per subject: a producer may retry within its last 1,000 events
+MAX_PENDING = 256         # unfired `first` events kept per (rule set, intent rule), oldest dropped first
+_STATE_FORMAT = 1
+
+_UTC = timezone.utc
+_EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
+_fromiso = datetime.fromisoformat
+
+
+def parse_ts(s: str) -> float:
+    """RFC 3339 with offset -> epoch seconds (float, correctly rounded from the exact microseconds)."""
+    dt = _fromiso(s)
+    if dt.tzinfo is None:
+        raise ValueError(f"timestamp without offset: {s!r}")
+    return dt.timestamp()
+
+
+def iso_utc(s: Optional[str]) -> Optional[str]:
+    """A timestamp string normalised to the wire format (UTC, microseconds)."""
+    if s is None:
+        return None
+    if len(s) == 32 and s.endswith("+00:00"):
+        return s
+    return _fromiso(s).astimezone(_UTC).isoformat(timespec="microseconds")
+
+
+def iso_from_epoch(x: float) -> str:
+    return (_EPOCH + timedelta(microseconds=round(x * 1e6))).isoformat(timespec="microseconds")
+
+
+def normalise_email(e: Any) -> Optional[str]:
+    if not isinstance(e, str):
+        return None
+    e = e.strip().lower()
+    return e or None
+
+
+def subject_of(ev: dict) -> tuple[Optional[str], Optional[str]]:
+    """(lead key, anonymous id) of an event: lead key = lead_id when given, else the normalised email."""
+    lid = ev.get("lead_id")
+    if isinstance(lid, str) and lid.strip():
+        lk: Optional[str] = lid
+    else:
+        lk = normalise_email(ev.get("email"))
+    aid = ev.get("anonymous_id")
+    if not (isinstance(aid, str) and aid):
+        aid = None
+    return lk, aid
+
+
+def _qualified(q: Any) -> bool:
+    if not isinstance(q, dict):
+        return False
+    for k in ("problem", "role", "schedule", "timing"):
+        if q.get(k):
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state
+
+
+class Agg:
+    """Engagement/intent aggregates of one subject under one rule set (keyed in the state by rule-set version).
+
+    ``sums[r]``/``counts[r]``: decayed sum (anchored at ``A``) and number of counted events per engagement rule;
+    ``total`` = Σ sums; ``buckets[(r, utc_day)]`` = the ≤ max_per_day counted entries ``(received_at, event_id,
+    occurred_at)`` of a capped rule (kept so a join recomputes the first N to arrive of the union exactly);
+    ``top`` = the TOP_K largest positive contributions ``(-log2(points) - occ/h, event_id, r, occ)`` (time-invariant
+    order); ``pending[i]`` = unfired ``first`` events ``(occ, event_id)`` of intent rule ``i``.
+    """
+
+    __slots__ = ("A", "total", "sums", "anch", "counts", "buckets", "top", "pending")
+
+    def __init__(self, n_rules: int):
+        self.A: Optional[float] = None      # instant at which `total` is valued (follows the lead's t)
+        self.total = 0.0
+        self.sums = [0.0] * n_rules         # sums[r] valued at anch[r] (re-anchored lazily, when r matches again)
+        self.anch = [0.0] * n_rules
+        self.counts = [0] * n_rules
+        self.buckets: dict[tuple[int, int], list] = {}
+        self.top: list[tuple] = []
+        self.pending: dict[int, list] = {}
+
+    def advance(self, t: float, h_s: float) -> None:
+        """Value ``total`` at ``t`` (t never goes back): total *= 0.5^((t − A)/h)."""
+        A = self.A
+        if A != t:
+            if A is not None and self.total != 0.0:
+                self.total *= 2.0 ** ((A - t) / h_s)
+            self.A = t
+
+    def rule_value(self, r: int, t: float, h_s: float) -> float:
+        return self.sums[r] * 2.0 ** ((self.anch[r] - t) / h_s) if self.counts[r] else 0.0
+
+    def to_list(self) -> list:
+        return [self.A, self.total, self.sums, self.anch, self.counts,
+                [[r, d, [list(e) for e in b]] for (r, d), b in self.buckets.items()],
+                [list(e) for e in self.top],
+                [[i, [list(e) for e in p]] for i, p in self.pending.items()]]
+
+    @classmethod
+    def from_list(cls, x: list) -> "Agg":
+        a = cls.__new__(cls)
+        a.A, a.total, a.sums, a.anch, a.counts = x[0], x[1], list(x[2]), list(x[3]), list(x[4])
+        a.buckets = {(r, d): [tuple(e) for e in b] for r, d, b in x[5]}
+        a.top = [tuple(e) for e in x[6]]
+        a.pending = {i: [tuple(e) for e in p] for i, p in x[7]}
+        return a
+
+
+class LeadState:
+    """The compact state of one subject (a lead, or an anonymous visitor before it is joined to a lead)."""
+
+    __slots__ = ("key", "anonymous", "stage", "transitions", "recycled_at", "handoffs", "rejected", "alerts", "seq",
+                 "t", "t_str", "attrs", "vals", "rev", "email", "qualified", "aggs", "seen", "fit", "eng",
+                 "version", "_fitc")
+
+    def __init__(self, key: str, anonymous: bool = False):
+        self.key = key
+        self.anonymous = anonymous
+        self.stage = "anonymous"
+        self.transitions = 0          # number of stage transitions (ids {lead}:stage:{n})
+        self.recycled_at: Optional[float] = None   # occurred_at of the move to `recycled`
+        self.handoffs = 0             # MQL episodes handed off
+        self.rejected = 0
+        self.alerts = 0
+        self.seq = 0                  # touchpoints folded
+        self.t: Optional[float] = None      # latest occurred_at seen (epoch s) = evaluation time
+        self.t_str: Optional[str] = None
+        self.attrs: dict[str, tuple] = {}   # name -> (value or None when cleared, received_at, event_id)
+        self.vals: dict[str, Any] = {}      # name -> present value
+        self.rev = 0                  # bumped on every attribute change
+        self.email: Optional[str] = None    # latest envelope email seen
+        self.qualified = False
+        self.aggs: dict[str, Agg] = {}
+        self.seen: dict[str, None] = {}     # bounded dedupe window (insertion ordered)
+        self.fit: Union[int, float] = 0     # as of the last evaluation
+        self.eng = 0.0
+        self.version: Optional[str] = None
+        self._fitc: Optional[tuple] = None
+
+    new = classmethod(lambda cls, key, anonymous=False: cls(key, anonymous))
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return dict(self.vals)
+
+    @property
+    def score(self) -> float:
+        return self.fit + self.eng
+
+    def summary(self) -> dict[str, Any]:
+        email = self.vals.get("email")
+        if email is not None and not isinstance(email, str):
+            email = str(email)
+        return {
+            "lead": self.key,
+            "anonymous": self.anonymous,
+            "email": email if email is not None else self.email,
+            "stage": self.stage,
+            "fit": self.fit,
+            "engagement": self.eng,
+            "score": self.fit + self.eng,
+            "handoffs": self.handoffs,
+            "rejected": self.rejected,
+            "intent_alerts": self.alerts,
+            "rules_version": self.version,
+            "events": self.seq,
+            "evaluated_at": iso_utc(self.t_str),
+        }
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({
+            "f": _STATE_FORMAT, "k": self.key, "a": self.anonymous, "st": self.stage, "n": self.transitions,
+            "rc": self.recycled_at, "h": self.handoffs, "rj": self.rejected, "al": self.alerts, "q": self.seq,
+            "t": self.t, "ts": self.t_str, "at": [[k, v[0], v[1], v[2]] for k, v in self.attrs.items()],
+            "em": self.email, "ql": self.qualified, "fit": self.fit, "eng": self.eng, "ver": self.version,
+            "seen": list(self.seen), "g": {v: a.to_list() for v, a in self.aggs.items()},
+        })
+
+    @classmethod
+    def from_bytes(cls, b: Union[bytes, str]) -> "LeadState":
+        d = orjson.loads(b)
+        if d.get("f") != _STATE_FORMAT:
+            raise ValueError(f"unsupported lead-state format {d.get('f')!r}")
+        s = cls(d["k"], d["a"])
+        s.stage, s.transitions, s.recycled_at = d["st"], d["n"], d["rc"]
+        s.handoffs, s.rejected, s.alerts, s.seq = d["h"], d["rj"], d["al"], d["q"]
+        s.t, s.t_str = d["t"], d["ts"]
+        s.attrs = {k: (v, ra, eid) for k, v, ra, eid in d["at"]}
+        s.vals = {k: v[0] for k, v in s.attrs.items() if v[0] is not None}
+        s.email, s.qualified, s.fit, s.eng, s.version = d["em"], d["ql"], d["fit"], d["eng"], d["ver"]
+        s.seen = dict.fromkeys(d["seen"])
+        s.aggs = {v: Agg.from_list(x) for v, x in d["g"].items()}
+        return s
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LeadState) and self.to_bytes() == other.to_bytes()
+
+    def __repr__(self) -> str:
+        return (f"LeadState(key={self.key!r}, stage={self.stage!r}, fit={self.fit!r}, eng={self.eng!r}, "
+                f"seq={self.seq})")
+
+
+def _agg(state: LeadState, rs: CompiledRuleSet) -> Agg:
+    a = state.aggs.get(rs.version)
+    if a is None:
+        a = state.aggs[rs.version] = Agg(len(rs.eng_rules))
+    return a
+
+
+def _set_attrs(state: LeadState, mapping: Any, ra: float, eid: str) -> None:
+    if not isinstance(mapping, dict):
+        return
+    attrs, vals = state.attrs, state.vals
+    for k, v in mapping.items():
+        if not isinstance(k, str):
+            continue
+        if v is None or v == "":
+            attrs[k] = (None, ra, eid)
+            vals.pop(k, None)
+        else:
+            attrs[k] = (v, ra, eid)
+            vals[k] = v
+    state.rev += 1
+
+
+def _fit(state: LeadState, rs: CompiledRuleSet) -> tuple:
+    c = state._fitc
+    if c is not None and c[0] is rs and c[1] == state.rev:
+        return c
+    matches = rs.fit_matches(state.vals)
+    total: Union[int, float] = 0
+    for m in matches:
+        total += m[2]
+    c = state._fitc = (rs, state.rev, total, matches)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the fold
+
+
+def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from: Optional[LeadState] = None,
+         emit: bool = True) -> tuple[LeadState, list[dict]]:
+    """Fold one touchpoint into ``state`` (mutated and returned) and return the derived events."""
+    eid = event["event_id"]
+    if state is None:
+        lk, aid = subject_of(event)
+        if lk is not None:
+            state = LeadState(lk, False)
+        elif aid is not None:
+            state = LeadState(aid, True)
+        else:
+            raise ValueError("event has no subject (lead_id, email or anonymous_id)")
+    seen = state.seen
+    if eid in seen:
+        return state, []
+    if merge_from is not None:
+        merge(state, merge_from, book)
+    seen[eid] = None
+    if len(seen) > DEDUPE_WINDOW:
+        del seen[next(iter(seen))]
+    out: Optional[list] = [] if emit else None
+    state.seq += 1
+    etype = event["type"]
+    occ_s = event["occurred_at"]
+    occ = _fromiso(occ_s).timestamp()
+    t = state.t
+    if t is None or occ > t:
+        state.t = t = occ
+        state.t_str = occ_s
+    rs_now = book.in_force(t)
+    if not state.anonymous and state.stage == "anonymous":
+        _transition(state, "known", rs_now, eid, "identified", None, out, occ)
+    email = event.get("email")
+    if email:
+        state.email = normalise_email(email)
+    payload = event.get("payload")
+    if payload is None:
+        payload = {}
+    ra: Optional[float] = None
+
+    if etype == "form_submitted" or etype == "attribute_updated":
+        ra = _received(event, occ)
+        _set_attrs(state, payload.get("fields" if etype == "form_submitted" else "attributes"), ra, eid)
+    elif etype == "call_logged":
+        if _qualified(payload.get("qualification")):
+            state.qualified = True
+    elif etype == "stage_changed":
+        _stage_changed(state, event, payload, rs_now, out, occ)
+
+    # intent alerts: a `then` event pairs with earlier-arrived `first` events (rule set in force at t)
+    if rs_now is not None and not state.anonymous:
+        thens = rs_now.intent_then.get(etype)
+        if thens:
+            _fire_intents(state, event, payload, rs_now, thens, occ, out, book)
+
+    # engagement and intent `first` events, for every rule set of the book
+    for rs in book.sets:
+        entries = rs.dispatch.get(etype)
+        firsts = rs.intent_first.get(etype)
+        if entries is None and firsts is None:
+            continue
+        agg = state.aggs.get(rs.version)
+        if agg is None:
+            agg = state.aggs[rs.version] = Agg(len(rs.eng_rules))
+        if entries is not None:
+            w = -1.0
+            h_s = rs.h_s
+            for ri, pts, cap, conds in entries:
+                if conds is not None and not conditions_hold(conds, event, payload):
+                    continue
+                if cap is not None:
+                    if cap == 0:
+                        continue
+                    bk = (ri, int(occ // 86400.0))
+                    b = agg.buckets.get(bk)
+                    if b is None:
+                        b = agg.buckets[bk] = []
+                    elif len(b) >= cap:
+                        continue
+                    if ra is None:
+                        ra = _received(event, occ)
+                    b.append((ra, eid, occ))
+                if w < 0.0:
+                    if agg.A != t:
+                        agg.advance(t, h_s)
+                    w = 1.0 if occ == t else 2.0 ** ((occ - t) / h_s)
+                    sums = agg.sums
+                    anch = agg.anch
+                c = pts * w
+                if anch[ri] != t:
+                    sums[ri] = sums[ri] * 2.0 ** ((anch[ri] - t) / h_s) if sums[ri] != 0.0 else 0.0
+                    anch[ri] = t
+                sums[ri] += c
+                agg.counts[ri] += 1
+                agg.total += c
+                if pts > 0:
+                    top = agg.top
+                    item = (-(math.log2(pts) + occ / h_s), eid, ri, occ)
+                    if len(top) < TOP_K or item < top[-1]:
+                        bisect.insort(top, item)
+                        if len(top) > TOP_K:
+                            top.pop()
+        if firsts is not None:
+            for a in firsts:
+                if a[3] is None or conditions_hold(a[3], event, payload):
+                    p = agg.pending.get(a[0])
+                    if p is None:
+                        p = agg.pending[a[0]] = []
+                    p.append((occ, eid))
+                    if len(p) > MAX_PENDING:
+                        del p[0]
+
+    _evaluate(state, rs_now, eid, out)
+    return state, (out if out is not None else [])
+
+
+def _received(event: dict, occ: float) -> float:
+    r = event.get("received_at")
+    return _fromiso(r).timestamp() if r else occ
+
+
+def _base(state: LeadState, etype: str, rs: Optional[CompiledRuleSet], cause: str) -> dict:
+    return {"event_id": "", "type": etype, "lead": state.key, "at": iso_utc(state.t_str), "cause_event_id": cause,
+            "rules_version": rs.version if rs is not None else None}
+
+
+def _transition(state: LeadState, to: str, rs: Optional[CompiledRuleSet], cause: str, reason: Optional[str],
+                by: Optional[str], out: Optional[list], occ: float) -> None:
+    frm = state.stage
+    state.stage = to
+    state.transitions += 1
+    if to == "recycled":
+        state.recycled_at = occ
+    if out is not None:
+        d = _base(state, "lead_stage_changed", rs, cause)
+        d["event_id"] = f"{state.key}:stage:{state.transitions}"
+        d["from"] = frm
+        d["to"] = to
+        d["reason"] = reason
+        d["by"] = by
+        out.append(d)
+
+
+def _stage_changed(state: LeadState, event: dict, payload: dict, rs: Optional[CompiledRuleSet],
+                   out: Optional[list], occ: float) -> None:
+    to = payload.get("to")
+    frm = state.stage
+    table = rs.transitions if rs is not None else DEFAULT_TRANSITIONS
+    if not isinstance(to, str) or not to:
+        reason = "stage_changed needs payload.to (the target stage)"
+    elif to not in STAGES:
+        reason = f"unknown stage {to!r}"
+    elif to not in table.get(frm, ()):
+        reason = f"transition {frm} -> {to} is not allowed"
+    else:
+        by = payload.get("by")
+        why = payload.get("reason")
+        _transition(state, to, rs, event["event_id"], why if isinstance(why, str) else "stage_changed",
+                    by if isinstance(by, str) else None, out, occ)
+        return
+    state.rejected += 1
+    if out is not None:
+        d = _base(state, "event_rejected", rs, event["event_id"])
+        d["event_id"] = f"rejected:{event['event_id']}"
+        d["reason"] = reason
+        d["field"] = "payload.to"
+        d["event"] = event
+        out.append(d)
+
+
+def _fire_intents(state: LeadState, event: dict, payload: dict, rs: CompiledRuleSet, thens: tuple, occ: float,
+                  out: Optional[list], book: RuleBook) -> None:
+    agg = state.aggs.get(rs.version)
+    if agg is None:
+        return
+    eid = event["event_id"]
+    for a in thens:
+        pend = agg.pending.get(a[0])
+        if not pend:
+            continue
+        if a[5] is not None and not conditions_hold(a[5], event, payload):
+            continue
+        within = a[6]
+        fired = [p for p in pend if 0.0 <= occ - p[0] <= within]
+        if not fired:
+            continue
+        name = a[1]
+        gone = {p[1] for p in fired}
+        agg.pending[a[0]] = [p for p in pend if p[1] not in gone]
+        # once per (rule, first event): drop these firsts from the same-named rule of the other rule sets too
+        for other in book.sets:
+            if other is rs:
+                continue
+            oa = other.intent_by_name.get(name)
+            og = state.aggs.get(other.version)
+            if oa is None or og is None:
+                continue
+            op = og.pending.get(oa[0])
+            if op:
+                og.pending[oa[0]] = [x for x in op if x[1] not in gone]
+        for p in fired:
+            state.alerts += 1
+            if out is not None:
+                d = _base(state, "intent_alert", rs, eid)
+                d["event_id"] = f"{state.key}:intent:{name}:{p[1]}"
+                d["rule"] = name
+                d["first_event_id"] = p[1]
+                d["then_event_id"] = eid
+                out.append(d)
+
+
+def engagement_at(state: LeadState, rs: Optional[CompiledRuleSet], t: Optional[float] = None) -> float:
+    """Engagement of ``state`` under ``rs`` at ``t`` (default: the state's evaluation time)."""
+    if rs is None:
+        return 0.0
+    if t is None:
+        t = state.t
+    agg = state.aggs.get(rs.version)
+    if agg is None or agg.A is None or t is None:
+        return 0.0
+    return agg.total * 2.0 ** ((agg.A - t) / rs.h_s)
+
+
+def explain(state: LeadState, rs: Optional[CompiledRuleSet]) -> dict:
+    """Why the scores are what they are: fit rules that hold; per engagement rule: points, events, contribution."""
+    if rs is None:
+        return {"fit": [], "engagement": []}
+    fit = [{"rule": n, "attribute": a, "points": p} for n, a, p in _fit(state, rs)[3]]
+    eng = []
+    agg = state.aggs.get(rs.version)
+    if agg is not None and agg.A is not None and state.t is not None:
+        for ri, name, _ev, pts, _cap in rs.eng_rules:
+            n = agg.counts[ri]
+            if n:
+                eng.append({"rule": name, "points": pts, "events": n,
+                            "contribution": agg.rule_value(ri, state.t, rs.h_s)})
+    return {"fit": fit, "engagement": eng}
+
+
+def top_touchpoints(state: LeadState, rs: Optional[CompiledRuleSet]) -> list[dict]:
+    """The touchpoints that contributed most under ``rs`` at the evaluation time (largest first)."""
+    if rs is None or state.t is None:
+        return []
+    agg = state.aggs.get(rs.version)
+    if agg is None:
+        return []
+    out = []
+    for _k, eid, ri, occ in agg.top:
+        _i, name, ev, pts, _cap = rs.eng_rules[ri]
+        out.append({"event_id": eid, "type": ev, "rule": name, "points": pts, "occurred_at": iso_from_epoch(occ),
+                    "contribution": pts * 2.0 ** ((occ - state.t) / rs.h_s)})
+    return out
+
+
+def _evaluate(state: LeadState, rs: Optional[CompiledRuleSet], cause: str, out: Optional[list]) -> None:
+    """Evaluate at t under ``rs``: scores, known<->lead, MQL + hand-off, lead_scored."""
+    if rs is None:
+        fit: Union[int, float] = 0
+        eng = 0.0
+        lead_attrs: tuple = DEFAULT_LEAD_ATTRIBUTES
+    else:
+        fit = _fit(state, rs)[2]
+        agg = state.aggs.get(rs.version)
+        if agg is None or agg.A is None:
+            eng = 0.0
+        else:
+            if agg.A != state.t:
+                agg.advance(state.t, rs.h_s)
+            eng = agg.total
+        lead_attrs = rs.lead_attributes
+    fit_before, eng_before = state.fit, state.eng
+    state.fit = fit
+    state.eng = eng
+    state.version = rs.version if rs is not None else None
+    if state.anonymous:
+        return
+    if out is not None and (fit != fit_before or eng != eng_before):
+        d = _base(state, "lead_scored", rs, cause)
+        d["event_id"] = f"{state.key}:scored:{state.seq}"
+        d["fit"] = fit
+        d["engagement"] = eng
+        d["score"] = fit + eng
+        d["fit_before"] = fit_before
+        d["engagement_before"] = eng_before
+        d["explanation"] = explain(state, rs)
+        out.append(d)
+    stage = state.stage
+    if stage == "known" or stage == "lead":
+        vals = state.vals
+        complete = True
+        for a in lead_attrs:
+            if a not in vals:
+                complete = False
+                break
+        target = "lead" if complete else "known"
+        if target != stage:
+            _transition(state, target, rs, cause, "attributes complete" if complete else "attributes incomplete",
+                        None, out, state.t)
+            stage = target
+    if rs is None:
+        return
+    if stage == "known" or stage == "lead":
+        pass
+    elif stage == "recycled" and state.recycled_at is not None and state.t - state.recycled_at >= rs.cooldown_s:
+        pass
+    else:
+        return
+    if fit < rs.min_fit or eng < rs.min_engagement:
+        return
+    vals = state.vals
+    for a in rs.required_attributes:
+        if a not in vals:
+            return
+    if rs.require_qualification and not state.qualified:
+        return
+    _transition(state, "mql", rs, cause, "mql criteria met", None, out, state.t)
+    state.handoffs += 1
+    if out is not None:
+        d = _base(state, "lead_handed_off", rs, cause)
+        d["event_id"] = f"{state.key}:handoff:{state.handoffs}"
+        d["episode"] = state.handoffs
+        d["fit"] = fit
+        d["engagement"] = eng
+        d["score"] = fit + eng
+        d["explanation"] = explain(state, rs)
+        d["top_touchpoints"] = top_touchpoints(state, rs)
+        d["attributes"] = dict(state.vals)
+        out.append(d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# identity: joining an anonymous history to a lead
+
+
+def merge(lead: LeadState, anon: LeadState, book: RuleBook) -> LeadState:
+    """Join ``anon``'s history into ``lead`` (mutated and returned; ``anon`` is left untouched).
+
+    As if the anonymous events had been the lead's from the start, the two histories merged by
+    (received_at, event_id): decayed sums add up; attributes take the latest (received_at, event_id);
+    each capped (rule, UTC day) bucket keeps the first max_per_day entries of the union; the top touchpoints and
+    pending intent `first` events are united. The lead's stage machine (stage, transitions, hand-offs, recycled
+    time) is kept as it is: a join never re-folds it. No evaluation here (the caller folds the joining event).
+    Exact when each history's arrival order agrees with its received_at order (true of the log's partitions).
+    """
+    if anon is lead:
+        return lead
+    if anon.t is not None and (lead.t is None or anon.t > lead.t):
+        lead.t, lead.t_str = anon.t, anon.t_str
+    for k, v in anon.attrs.items():
+        cur = lead.attrs.get(k)
+        if cur is None or (v[1], v[2]) > (cur[1], cur[2]):
+            lead.attrs[k] = v
+    lead.vals = {k: v[0] for k, v in lead.attrs.items() if v[0] is not None}
+    lead.rev += 1
+    lead._fitc = None
+    if lead.email is None:
+        lead.email = anon.email
+    lead.qualified = lead.qualified or anon.qualified
+    lead.rejected += anon.rejected
+    lead.alerts += anon.alerts
+    lead.seq += anon.seq
+    seen = dict.fromkeys([*anon.seen, *lead.seen])
+    while len(seen) > DEDUPE_WINDOW:
+        del seen[next(iter(seen))]
+    lead.seen = seen
+    for v, b in anon.aggs.items():
+        a = lead.aggs.get(v)
+        rs = book.by_version.get(v)
+        if a is None:
+            lead.aggs[v] = Agg.from_list(orjson.loads(orjson.dumps(b.to_list())))
+        elif rs is not None:
+            _merge_agg(a, b, rs)
+        # a version unknown to the book keeps the lead's aggregates (it cannot be evaluated anyway)
+    return lead
+
+
+def _merge_agg(a: Agg, b: Agg, rs: CompiledRuleSet) -> None:
+    h = rs.h_s
+    rules = rs.eng_rules
+    if b.A is not None:
+        A = b.A if a.A is None else max(a.A, b.A)
+        sums = [0.0] * len(rules)
+        counts = [0] * len(rules)
+        for ri, _name, _ev, _pts, cap in rules:
+            if cap is None:
+                sums[ri] = a.rule_value(ri, A, h) + b.rule_value(ri, A, h)
+                counts[ri] = a.counts[ri] + b.counts[ri]
+        buckets: dict[tuple[int, int], list] = {}
+        for key in sorted(set(a.buckets) | set(b.buckets)):
+            cap = rules[key[0]][4]
+            ents = sorted([*a.buckets.get(key, ()), *b.buckets.get(key, ())])[:cap]
+            if ents:
+                buckets[key] = ents
+                pts = rules[key[0]][3]
+                for _ra, _eid, occ in ents:
+                    sums[key[0]] += pts * (1.0 if occ == A else 2.0 ** ((occ - A) / h))
+                counts[key[0]] += len(ents)
+        cands = {(e[1], e[2]): e for e in [*a.top, *b.top] if rules[e[2]][4] is None}
+        for (ri, _d), ents in buckets.items():
+            pts = rules[ri][3]
+            if pts > 0:
+                for _ra, eid, occ in ents:
+                    cands[(eid, ri)] = (-(math.log2(pts) + occ / h), eid, ri, occ)
+        a.A, a.sums, a.anch, a.counts, a.buckets = A, sums, [A] * len(rules), counts, buckets
+        a.total = math.fsum(sums)
+        a.top = sorted(cands.values())[:TOP_K]
+    for i, pb in b.pending.items():
+        pa = a.pending.get(i, [])
+        have = {x[1] for x in pb}
+        merged = [*pb, *[x for x in pa if x[1] not in have]]
+        a.pending[i] = merged[-MAX_PENDING:]
+
+
+class Identity:
+    """§4 routing: lead key = lead_id, else normalised email; anonymous-only events go to the anonymous subject
+    until the first event carrying both an anonymous id and a lead key joins them (first join wins, forever).
+    A later event with that anonymous id and another lead key belongs to that lead and does not move the cookie.
+    """
+
+    __slots__ = ("anon_to_lead",)
+
+    def __init__(self, anon_to_lead: Optional[dict[str, str]] = None):
+        self.anon_to_lead: dict[str, str] = dict(anon_to_lead or {})
+
+    def route(self, ev: dict) -> tuple[str, bool, Optional[str]]:
+        """(subject key, is anonymous subject, anonymous id joined by this event or None)."""
+        lk, aid = subject_of(ev)
+        if lk is not None:
+            if aid is not None and aid not in self.anon_to_lead:
+                self.anon_to_lead[aid] = lk
+                return lk, False, aid
+            return lk, False, None
+        if aid is not None:
+            lead = self.anon_to_lead.get(aid)
+            if lead is not None:
+                return lead, False, None
+            return aid, True, None
+        raise ValueError("event has no subject (lead_id, email or anonymous_id)")
+
+
+class Ledger:
+    """The fold of a whole log in arrival order, in memory: global dedupe by event_id, identity routing, joins."""
+
+    __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit")
+
+    def __init__(self, book: RuleBook, emit: bool = False):
+        self.book = book
+        self.identity = Identity()
+        self.leads: dict[str, LeadState] = {}
+        self.anons: dict[str, LeadState] = {}
+        self.seen: set[str] = set()
+        self.duplicates = 0
+        self.emit = emit
+
+    def apply(self, ev: dict) -> list[dict]:
+        eid = ev["event_id"]
+        if eid in self.seen:
+            self.duplicates += 1
+            return []
+        key, anonymous, join = self.identity.route(ev)
+        self.seen.add(eid)
+        if anonymous:
+            st = self.anons.get(key)
+            if st is None:
+                st = self.anons[key] = LeadState(key, True)
+            return fold(st, ev, self.book, emit=self.emit)[1]
+        st = self.leads.get(key)
+        if st is None:
+            st = self.leads[key] = LeadState(key, False)
+        src = self.anons.pop(join, None) if join is not None else None
+        return fold(st, ev, self.book, merge_from=src, emit=self.emit)[1]
+
+    def states(self) -> list[LeadState]:
+        """Every subject (leads and not-yet-joined anonymous visitors), sorted by subject key."""
+        return sorted([*self.leads.values(), *self.anons.values()], key=lambda s: (s.key, s.anonymous))
