@@ -20,10 +20,11 @@ Public API
   used by the backtest and the tests.
 - ``subject_of(event) -> (lead_key | None, anonymous_id | None)``; ``parse_ts(s) -> float`` epoch seconds.
 
-Numerics: per rule set, the decayed sum is kept valued at the lead's evaluation time t (``total`` at ``A`` = t):
-when t advances it is rescaled by 0.5^((t_new − t_old)/h) and a new contribution adds points·0.5^((t − occ)/h)
-(exactly ``points`` when occ = t, so sums of simultaneous events are exact). Per-rule sums (for explanations) are
-rescaled lazily. Aggregates are kept for every rule set of the book at once, so a switch of the rule set in force
+Numerics: per rule set, the decayed sum ``total`` is kept valued at ``A`` = the lead's t when the last contribution
+was added: a new contribution first rescales it by 0.5^((t − A)/h), then adds points·0.5^((t − occ)/h) (exactly
+``points`` when occ = t). Evaluation at t computes total·0.5^((t − A)/h) without storing it, so pure decay never
+compounds roundings, and sums of simultaneous events are exact. Per-rule sums (for explanations) are rescaled
+lazily the same way. Aggregates are kept for every rule set of the book at once, so a switch of the rule set in force
 is free. Time is in seconds; h = half_life_days · 86400.
 """
 
@@ -40,7 +41,8 @@ from projections.rules import (DEFAULT_LEAD_ATTRIBUTES, DEFAULT_TRANSITIONS, STA
                                conditions_hold)
 
 TOP_K = 5                 # top contributing touchpoints kept per rule set (for hand-offs)
-DEDUPE_WINDOW = 1000      # event ids remembered per subject: a producer may retry within its last 1,000 events
+DEDUPE_WINDOW = 1000      # per subject, the ids of at least the last 1,000 (at most 2,000) events are remembered:
+                          # a producer may retry an event until 1,000 newer events of the same subject arrived
 MAX_PENDING = 256         # unfired `first` events kept per (rule set, intent rule), oldest dropped first
 _STATE_FORMAT = 1
 
@@ -110,13 +112,14 @@ class Agg:
     ``total`` = Σ sums; ``buckets[(r, utc_day)]`` = the ≤ max_per_day counted entries ``(received_at, event_id,
     occurred_at)`` of a capped rule (kept so a join recomputes the first N to arrive of the union exactly);
     ``top`` = the TOP_K largest positive contributions ``(-log2(points) - occ/h, event_id, r, occ)`` (time-invariant
-    order); ``pending[i]`` = unfired ``first`` events ``(occ, event_id)`` of intent rule ``i``.
+    order); ``pending[i]`` = unfired ``first`` events ``(occ, event_id)`` of intent rule ``i``, sorted; at most
+    MAX_PENDING (the earliest occurred is dropped first).
     """
 
     __slots__ = ("A", "total", "sums", "anch", "counts", "buckets", "top", "pending")
 
     def __init__(self, n_rules: int):
-        self.A: Optional[float] = None      # instant at which `total` is valued (follows the lead's t)
+        self.A: Optional[float] = None      # instant at which `total` is valued (the lead's t at the last contribution)
         self.total = 0.0
         self.sums = [0.0] * n_rules         # sums[r] valued at anch[r] (re-anchored lazily, when r matches again)
         self.anch = [0.0] * n_rules
@@ -156,8 +159,8 @@ class LeadState:
     """The compact state of one subject (a lead, or an anonymous visitor before it is joined to a lead)."""
 
     __slots__ = ("key", "anonymous", "stage", "transitions", "recycled_at", "handoffs", "rejected", "alerts", "seq",
-                 "t", "t_str", "attrs", "vals", "rev", "email", "qualified", "aggs", "seen", "fit", "eng",
-                 "version", "_fitc")
+                 "t", "t_str", "attrs", "vals", "rev", "email", "qualified", "aggs", "seen", "seen_old", "fit", "eng",
+                 "version", "_fitc", "_er", "_cmp")
 
     def __init__(self, key: str, anonymous: bool = False):
         self.key = key
@@ -177,11 +180,15 @@ class LeadState:
         self.email: Optional[str] = None    # latest envelope email seen
         self.qualified = False
         self.aggs: dict[str, Agg] = {}
-        self.seen: dict[str, None] = {}     # bounded dedupe window (insertion ordered)
+        # dedupe window: two generations of event ids (the last DEDUPE_WINDOW..2*DEDUPE_WINDOW events)
+        self.seen: dict[str, None] = {}
+        self.seen_old: dict[str, None] = {}
         self.fit: Union[int, float] = 0     # as of the last evaluation
         self.eng = 0.0
         self.version: Optional[str] = None
-        self._fitc: Optional[tuple] = None
+        self._fitc: Optional[tuple] = None     # caches (not serialised)
+        self._er: Optional[str] = None
+        self._cmp: Optional[tuple] = None
 
     new = classmethod(lambda cls, key, anonymous=False: cls(key, anonymous))
 
@@ -219,7 +226,7 @@ class LeadState:
             "rc": self.recycled_at, "h": self.handoffs, "rj": self.rejected, "al": self.alerts, "q": self.seq,
             "t": self.t, "ts": self.t_str, "at": [[k, v[0], v[1], v[2]] for k, v in self.attrs.items()],
             "em": self.email, "ql": self.qualified, "fit": self.fit, "eng": self.eng, "ver": self.version,
-            "seen": list(self.seen), "g": {v: a.to_list() for v, a in self.aggs.items()},
+            "so": list(self.seen_old), "seen": list(self.seen), "g": {v: a.to_list() for v, a in self.aggs.items()},
         })
 
     @classmethod
@@ -235,6 +242,7 @@ class LeadState:
         s.vals = {k: v[0] for k, v in s.attrs.items() if v[0] is not None}
         s.email, s.qualified, s.fit, s.eng, s.version = d["em"], d["ql"], d["fit"], d["eng"], d["ver"]
         s.seen = dict.fromkeys(d["seen"])
+        s.seen_old = dict.fromkeys(d["so"])
         s.aggs = {v: Agg.from_list(x) for v, x in d["g"].items()}
         return s
 
@@ -298,13 +306,15 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
         else:
             raise ValueError("event has no subject (lead_id, email or anonymous_id)")
     seen = state.seen
-    if eid in seen:
+    if eid in seen or eid in state.seen_old:
         return state, []
     if merge_from is not None:
         merge(state, merge_from, book)
+        seen = state.seen
+    if len(seen) >= DEDUPE_WINDOW:
+        state.seen_old = seen
+        state.seen = seen = {}
     seen[eid] = None
-    if len(seen) > DEDUPE_WINDOW:
-        del seen[next(iter(seen))]
     out: Optional[list] = [] if emit else None
     state.seq += 1
     etype = event["type"]
@@ -318,7 +328,8 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
     if not state.anonymous and state.stage == "anonymous":
         _transition(state, "known", rs_now, eid, "identified", None, out, occ)
     email = event.get("email")
-    if email:
+    if email and email is not state._er:
+        state._er = email
         state.email = normalise_email(email)
     payload = event.get("payload")
     if payload is None:
@@ -352,7 +363,7 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
         if entries is not None:
             w = -1.0
             h_s = rs.h_s
-            for ri, pts, cap, conds in entries:
+            for ri, pts, cap, conds, nlp in entries:
                 if conds is not None and not conditions_hold(conds, event, payload):
                     continue
                 if cap is not None:
@@ -380,11 +391,11 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
                 sums[ri] += c
                 agg.counts[ri] += 1
                 agg.total += c
-                if pts > 0:
+                if nlp is not None:
                     top = agg.top
-                    item = (-(math.log2(pts) + occ / h_s), eid, ri, occ)
-                    if len(top) < TOP_K or item < top[-1]:
-                        bisect.insort(top, item)
+                    k = nlp - occ / h_s
+                    if len(top) < TOP_K or k <= top[-1][0]:
+                        bisect.insort(top, (k, eid, ri, occ))
                         if len(top) > TOP_K:
                             top.pop()
         if firsts is not None:
@@ -393,12 +404,16 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
                     p = agg.pending.get(a[0])
                     if p is None:
                         p = agg.pending[a[0]] = []
-                    p.append((occ, eid))
+                    bisect.insort(p, (occ, eid))
                     if len(p) > MAX_PENDING:
                         del p[0]
 
     _evaluate(state, rs_now, eid, out)
     return state, (out if out is not None else [])
+
+
+def _occ_of(x: tuple) -> float:
+    return x[0]
 
 
 def _received(event: dict, occ: float) -> float:
@@ -467,13 +482,14 @@ def _fire_intents(state: LeadState, event: dict, payload: dict, rs: CompiledRule
             continue
         if a[5] is not None and not conditions_hold(a[5], event, payload):
             continue
-        within = a[6]
-        fired = [p for p in pend if 0.0 <= occ - p[0] <= within]
-        if not fired:
+        lo = bisect.bisect_left(pend, occ - a[6], key=_occ_of)
+        hi = bisect.bisect_right(pend, occ, lo, key=_occ_of)
+        if lo == hi:
             continue
+        fired = pend[lo:hi]
+        del pend[lo:hi]
         name = a[1]
         gone = {p[1] for p in fired}
-        agg.pending[a[0]] = [p for p in pend if p[1] not in gone]
         # once per (rule, first event): drop these firsts from the same-named rule of the other rule sets too
         for other in book.sets:
             if other is rs:
@@ -550,10 +566,10 @@ def _evaluate(state: LeadState, rs: Optional[CompiledRuleSet], cause: str, out: 
         agg = state.aggs.get(rs.version)
         if agg is None or agg.A is None:
             eng = 0.0
-        else:
-            if agg.A != state.t:
-                agg.advance(state.t, rs.h_s)
+        elif agg.A == state.t:
             eng = agg.total
+        else:  # valued at the last contribution's t; decayed here without storing (no compounding)
+            eng = agg.total * 2.0 ** ((agg.A - state.t) / rs.h_s)
         lead_attrs = rs.lead_attributes
     fit_before, eng_before = state.fit, state.eng
     state.fit = fit
@@ -573,12 +589,17 @@ def _evaluate(state: LeadState, rs: Optional[CompiledRuleSet], cause: str, out: 
         out.append(d)
     stage = state.stage
     if stage == "known" or stage == "lead":
-        vals = state.vals
-        complete = True
-        for a in lead_attrs:
-            if a not in vals:
-                complete = False
-                break
+        c = state._cmp
+        if c is not None and c[0] == state.rev and c[1] is lead_attrs:
+            complete = c[2]
+        else:
+            vals = state.vals
+            complete = True
+            for a in lead_attrs:
+                if a not in vals:
+                    complete = False
+                    break
+            state._cmp = (state.rev, lead_attrs, complete)
         target = "lead" if complete else "known"
         if target != stage:
             _transition(state, target, rs, cause, "attributes complete" if complete else "attributes incomplete",
@@ -646,10 +667,9 @@ def merge(lead: LeadState, anon: LeadState, book: RuleBook) -> LeadState:
     lead.rejected += anon.rejected
     lead.alerts += anon.alerts
     lead.seq += anon.seq
-    seen = dict.fromkeys([*anon.seen, *lead.seen])
-    while len(seen) > DEDUPE_WINDOW:
-        del seen[next(iter(seen))]
-    lead.seen = seen
+    ids = list(dict.fromkeys([*anon.seen_old, *anon.seen, *lead.seen_old, *lead.seen]))[-2 * DEDUPE_WINDOW:]
+    lead.seen_old = dict.fromkeys(ids[:-DEDUPE_WINDOW])
+    lead.seen = dict.fromkeys(ids[-DEDUPE_WINDOW:])
     for v, b in anon.aggs.items():
         a = lead.aggs.get(v)
         rs = book.by_version.get(v)
@@ -693,9 +713,7 @@ def _merge_agg(a: Agg, b: Agg, rs: CompiledRuleSet) -> None:
         a.top = sorted(cands.values())[:TOP_K]
     for i, pb in b.pending.items():
         pa = a.pending.get(i, [])
-        have = {x[1] for x in pb}
-        merged = [*pb, *[x for x in pa if x[1] not in have]]
-        a.pending[i] = merged[-MAX_PENDING:]
+        a.pending[i] = sorted(set(pa) | set(pb))[-MAX_PENDING:]
 
 
 class Identity:

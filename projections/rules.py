@@ -432,7 +432,8 @@ class CompiledRuleSet:
             name = r.name if r.name is not None else f"engagement[{i}]"
             pts = _num(r.points)
             eng.append((i, name, r.event, pts, r.max_per_day))
-            dispatch.setdefault(r.event, []).append((i, pts, r.max_per_day, _compile_conditions(r)))
+            dispatch.setdefault(r.event, []).append((i, pts, r.max_per_day, _compile_conditions(r),
+                                                     -math.log2(pts) if pts > 0 else None))
         self.eng_rules = tuple(eng)
         self.dispatch = {k: tuple(v) for k, v in dispatch.items()}
         self.capped = tuple(r[4] is not None for r in eng)
@@ -565,6 +566,8 @@ class RuleBook:
         """The rule set with the latest effective_from <= t (t: aware datetime, ISO string or epoch seconds)."""
         if t is None:
             return None
+        if len(self._effs) == 1 and isinstance(t, float):
+            return self.sets[0] if t >= self._effs[0] else None
         i = bisect.bisect_right(self._effs, t if isinstance(t, float) else _epoch(t))
         return self.sets[i - 1] if i else None
 

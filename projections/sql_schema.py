@@ -174,7 +174,8 @@ VIEWS = ("funnel_conversion", "funnel_transitions")
 def make_engine(url: str, **kw) -> sa.Engine:
     """An engine with sane defaults: SQLite with a busy timeout, PostgreSQL with pre-ping."""
     if url.startswith("sqlite"):
-        kw.setdefault("connect_args", {"timeout": 5})
+        if "timeout=" not in url:
+            kw.setdefault("connect_args", {"timeout": 5})
     else:
         kw.setdefault("pool_pre_ping", True)
     return sa.create_engine(url, **kw)
