@@ -11,6 +11,8 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional, get_args
 
+import orjson
+
 from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
@@ -36,6 +38,8 @@ DEFAULT_SOURCE: dict[str, str] = {
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Short = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# the models' core validators, called directly on the hot path (skips the python-level model_validate wrapper)
+_PAYLOAD_VALIDATORS = {t: m.__pydantic_validator__ for t, m in PAYLOAD_MODELS.items()}
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 
 
@@ -74,11 +78,11 @@ class Envelope(BaseModel):
     @field_validator("payload")
     @classmethod
     def _payload(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        model = PAYLOAD_MODELS.get(info.data.get("type"))  # type: ignore[arg-type]
-        if model is None:  # type itself invalid: reported on its own field
+        validator = _PAYLOAD_VALIDATORS.get(info.data.get("type"))  # type: ignore[arg-type]
+        if validator is None:  # type itself invalid: reported on its own field
             return v
         try:
-            model.model_validate(v)
+            validator.validate_python(v)
         except ValidationError as exc:
             errors = field_errors(exc)
             raise PydanticCustomError("payload", "{summary}",
@@ -101,7 +105,9 @@ def format_ts(dt: Optional[datetime]) -> Optional[str]:
         return None
     if dt.tzinfo is not timezone.utc:
         dt = dt.astimezone(timezone.utc)
-    return dt.isoformat(timespec="microseconds")
+    # orjson formats a UTC datetime ~5x faster than isoformat(); it only omits a zero fraction.
+    s = orjson.dumps(dt).decode()[1:-1]
+    return s if dt.microsecond else f"{s[:19]}.000000+00:00"
 
 
 def field_errors(exc: ValidationError) -> list[tuple[str, str]]:

@@ -8,7 +8,8 @@ they sort lexicographically.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional, Union
 
 import orjson
 
@@ -36,9 +37,29 @@ def to_wire_dict(env: Envelope) -> dict[str, Any]:
     }
 
 
+def _ts(dt: Optional[datetime]) -> Union[datetime, str, None]:
+    # orjson writes a UTC datetime exactly in our format (and ~5x faster than isoformat) except that it drops
+    # a zero fraction; those few are formatted by hand.
+    if dt is None or (dt.microsecond and dt.tzinfo is timezone.utc):
+        return dt
+    return format_ts(dt)
+
+
 def encode(env: Envelope) -> bytes:
-    """orjson bytes of the envelope, in the wire format."""
-    return orjson.dumps(to_wire_dict(env))
+    """orjson bytes of the envelope, in the wire format (hot path: one orjson call, no intermediate strings)."""
+    return orjson.dumps({
+        "event_id": env.event_id,
+        "type": env.type,
+        "occurred_at": _ts(env.occurred_at),
+        "received_at": _ts(env.received_at),
+        "lead_id": env.lead_id,
+        "anonymous_id": env.anonymous_id,
+        "email": env.email,
+        "source": env.source,
+        "campaign": env.campaign,
+        "payload": env.payload,
+        "schema_version": env.schema_version,
+    })
 
 
 def decode(raw: Union[bytes, bytearray, memoryview, str]) -> dict[str, Any]:

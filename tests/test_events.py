@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from events import derived
 from events.envelope import CURRENT_SCHEMA_VERSION, TOUCHPOINT_TYPES, Envelope, field_errors
 from events.upcast import upcast
-from events.wire import FIELDS, decode, encode, subject_key
+from events.wire import FIELDS, decode, encode, subject_key, to_wire_dict
 
 
 def base(**kw) -> dict:
@@ -150,3 +150,12 @@ def test_round_trip_property(event_id: str, offset_min: int, ts: datetime, extra
     d = decode(encode(env))
     assert Envelope.model_validate(d) == env
     assert encode(Envelope.model_validate(d)) == encode(env)
+
+
+@pytest.mark.parametrize("micro", [0, 1, 123000, 999999])
+def test_encode_timestamp_format_any_fraction(micro: int) -> None:
+    at = datetime(2026, 3, 1, 9, 0, 0, micro, tzinfo=timezone.utc)
+    env = Envelope.model_validate(base(occurred_at=at, received_at=at.astimezone(timezone(timedelta(hours=2)))))
+    d = orjson.loads(encode(env))
+    assert d["occurred_at"] == d["received_at"] == f"2026-03-01T09:00:00.{micro:06d}+00:00"
+    assert d == to_wire_dict(env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import socket
@@ -27,8 +28,7 @@ FORMS = {"contact": b"s3cret"}
 
 
 def make_settings(bootstrap: str, unique: str) -> Settings:
-    names = {f: f"{f}-{unique}" for f in ("touchpoints", "by_lead", "scores", "stages", "handoffs",
-                                          "intent_alerts", "rejected")}
+    names = {f.name: f"{f.name}-{unique}" for f in dataclasses.fields(Topics)}
     return Settings(bootstrap=bootstrap, partitions=3, topics=Topics(**names))
 
 
@@ -257,3 +257,13 @@ async def test_readyz_and_metrics(kafka_bootstrap: str, unique: str) -> None:
     assert 'leadledger_ingest_events_total{endpoint="batch",status="accepted",type="page_viewed"} 1.0' in text
     assert 'leadledger_ingest_events_total{endpoint="batch",status="rejected",type="page_viewed"} 1.0' in text
     assert "leadledger_ingest_produce_seconds_count 1.0" in text
+
+
+def test_partition_for_matches_default_partitioner() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from services.ingest import partition_for
+    for i in range(500):
+        key = f"lead-{i}@example.com".encode()
+        for n in (1, 3, 12):
+            assert partition_for(key, n) == DefaultPartitioner()(key, list(range(n)), list(range(n)))
