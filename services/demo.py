@@ -35,7 +35,7 @@ def journeys(run: str, now: datetime) -> tuple[list[dict[str, str]], list[dict[s
         {"type": "page_viewed", "url": "https://example.jp/product", "aid": cookie, "eid": f"{run}-p1",
          "ts": _ts(t0)},
         {"type": "content_downloaded", "url": "https://example.jp/wp/dx-guide", "aid": cookie, "eid": f"{run}-p2",
-         "ts": _ts(t0 + timedelta(minutes=2)), "asset": "wp-dx-guide", "title": "DX guide"},
+         "ts": _ts(t0 + timedelta(minutes=2)), "asset_id": "wp-dx-guide", "title": "DX guide"},
         {"type": "page_viewed", "url": "https://example.jp/product/features", "aid": cookie, "eid": f"{run}-p3",
          "ts": _ts(t0 + timedelta(minutes=5))},
     ]
@@ -52,7 +52,8 @@ def journeys(run: str, now: datetime) -> tuple[list[dict[str, str]], list[dict[s
         ev("a1", "form_submitted", t0 + timedelta(minutes=10), email=aiko, anonymous_id=cookie,
            payload={"form_id": "whitepaper", "fields": full}),
         ev("a2", "page_viewed", t0 + timedelta(minutes=20), email=aiko, payload={"url": "https://example.jp/pricing"}),
-        ev("a3", "page_viewed", t0 + timedelta(minutes=25), email=aiko, payload={"url": "https://example.jp/pricing"}),
+        ev("a3", "page_viewed", t0 + timedelta(minutes=25), email=aiko,
+           payload={"url": "https://example.jp/product/pricing"}),
         ev("a4", "event_attended", t0 + timedelta(minutes=60), email=aiko, payload={"event": "DX seminar Tokyo"}),
         ev("a5", "meeting_booked", t0 + timedelta(minutes=90), email=aiko, payload={"slot": "next Tuesday 10:00"}),
         ev("b1", "form_submitted", t0 + timedelta(minutes=30), email=ben,

@@ -1,0 +1,248 @@
+"""The live stream processor on faust-streaming: identity (stage 1), then the lead fold (stage 2).
+
+Stage 1 (`identity` agent) reads `touchpoints` (keyed by the subject as sent) and `touchpoints-by-anon` (join
+requests keyed by anonymous id). It owns the table anonymous id → (its lead, or the anonymous subject's compact
+fold state). A lead's own events (lead id or email) go straight to `touchpoints-by-lead`, keeping their log order;
+one that also carries an anonymous id sends a join request to `touchpoints-by-anon`, decided where that id's table
+partition lives: the first join wins and sends the anonymous state to the lead as a merge record
+(`projections.lead_log`). Anonymous-only events are folded into the anonymous state, or forwarded to their lead
+once joined. Stage 2 (`leads` agent) reads `touchpoints-by-lead` — one ordered log per lead, also the input of
+replays — and folds it with the pure code of `projections.lead_log`/`projections.fold`, writing derived events
+keyed by lead to topics with the same partition count (co-partitioned).
+
+Exactly once *in effect*, by construction rather than by faust's transactions (see README):
+- each batch: fold in memory → send derived events and await their acknowledgement → write each touched
+  table entry once → flush; faust commits offsets only after its producer flushed (at_least_once);
+- lead state remembers the last by-lead offset it folded, so a redelivered input is skipped; event ids are
+  deduplicated in lead state for producer retries;
+- derived events carry deterministic ids, so the only possible effect of a crash between "derived sent" and
+  "state stored" is the same derived event written again with the same id; every consumer of ours dedupes on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+from typing import Any, AsyncIterator
+
+import faust
+import orjson
+
+from events.upcast import upcast
+from events.wire import decode
+from projections import fold as core
+from projections import lead_log
+from projections.rules import RuleBook
+from services.config import Settings, settings as load_settings
+
+log = logging.getLogger("leadledger.processor")
+
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_rules_paths() -> list[str]:
+    return [os.path.join(ROOT, "deploy", "rules", "default.yaml")]
+
+
+def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_id: str | None = None,
+               batch_size: int = 500, batch_within: float = 0.05) -> faust.App:
+    cfg = cfg or load_settings()
+    os.makedirs(os.path.join(ROOT, "var", "processor"), exist_ok=True)
+    book = rules or RuleBook.from_paths(list(cfg.rules_paths) or default_rules_paths())
+    t = cfg.topics
+    app = faust.App(
+        app_id or os.environ.get("LEADLEDGER_PROCESSOR_ID", "leadledger-processor"),
+        broker=[f"kafka://{b}" for b in cfg.bootstrap.split(",")],
+        store=os.environ.get("LEADLEDGER_PROCESSOR_STORE", "memory://"),
+        datadir=os.environ.get("LEADLEDGER_PROCESSOR_DATADIR", os.path.join(ROOT, "var", "processor", "{conf.name}")),
+        processing_guarantee="at_least_once",
+        topic_partitions=cfg.partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        web_host="127.0.0.1",
+        web_in_thread=False,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=float(os.environ.get("LEADLEDGER_SESSION_TIMEOUT", "10")),
+        broker_heartbeat_interval=float(os.environ.get("LEADLEDGER_HEARTBEAT_INTERVAL", "1")),
+        broker_commit_interval=float(os.environ.get("LEADLEDGER_COMMIT_INTERVAL", "0.5")),
+        table_standby_replicas=0,
+        producer_acks=-1,
+        stream_wait_empty=False,
+    )
+
+    def topic(name: str) -> faust.TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                         partitions=cfg.partitions)
+
+    by_anon_name = t.by_anon
+    by_anon = topic(by_anon_name)
+    by_lead = topic(t.by_lead)
+    stage1_in = app.topic(t.touchpoints, by_anon_name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                          value_serializer="raw", partitions=cfg.partitions)
+    out_topics = {
+        "lead_scored": topic(t.scores),
+        "lead_stage_changed": topic(t.stages),
+        "lead_handed_off": topic(t.handoffs),
+        "intent_alert": topic(t.intent_alerts),
+        "event_rejected": topic(t.rejected),
+    }
+    # bytes keys and values with the app's raw serializers; use_partitioner: written once per batch
+    identity = app.Table("identity", default=None, key_type=bytes, value_type=bytes, partitions=cfg.partitions,
+                         use_partitioner=True)
+    leads = app.Table("leads", default=None, key_type=bytes, value_type=bytes, partitions=cfg.partitions,
+                      use_partitioner=True)
+    rejected = out_topics["event_rejected"]
+
+    async def send_all(sends: list[tuple[faust.TopicT, bytes, bytes]]) -> None:
+        futs = [await tp.send(key=k, value=v) for tp, k, v in sends]
+        for f in futs:
+            await f
+        if sends:
+            await app.producer.flush()
+
+    @app.agent(stage1_in, name="identity")
+    async def identity_agent(stream: faust.StreamT) -> Any:
+        async with _crash_worker_on_error(app):
+            async for batch in stream.take_events(batch_size, within=batch_within):
+                sends: list[tuple[faust.TopicT, bytes, bytes]] = []
+                touched: dict[bytes, bytes] = {}
+                for ev in batch:
+                    if ev.message.topic != t.touchpoints:  # a join request, keyed by its anonymous id
+                        req = orjson.loads(ev.value)
+                        akey = req["anonymous_id"].encode()
+                        mapped, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
+                        lead_b = req["lead"].encode()
+                        if mapped is None:  # the first join wins, forever
+                            touched[akey] = b"L" + lead_b
+                        else:
+                            anon_state = None
+                        sends.append((by_lead, lead_b, lead_log.resolution_record(
+                            req["lead"], req["anonymous_id"], req["event_id"], anon_state)))
+                        continue
+                    try:
+                        rec = decode(ev.value)
+                        lead, anon = core.subject_of(rec)
+                        if lead is None and anon is None:
+                            raise ValueError("no subject: lead_id, email or anonymous_id")
+                    except Exception as exc:  # poison message: dead-letter with the reason, never drop silently
+                        sends.append((rejected, ev.key or b"", _rejected_raw(ev.value, f"undecodable touchpoint: {exc}")))
+                        continue
+                    if lead is not None:
+                        # the lead's own events keep their log order: straight to the lead
+                        sends.append((by_lead, lead.encode(), ev.value))
+                        if anon is not None:  # decide the join where the anonymous id's table partition lives
+                            sends.append((by_anon, anon.encode(),
+                                          orjson.dumps({"anonymous_id": anon, "lead": lead,
+                                                        "event_id": rec["event_id"]})))
+                        continue
+                    akey = anon.encode()
+                    mapped, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
+                    if mapped is not None:
+                        sends.append((by_lead, mapped.encode(), ev.value))
+                        continue
+                    # still anonymous: fold into the anonymous subject's compact state
+                    st = core.LeadState.from_bytes(anon_state) if anon_state else core.LeadState(anon, True)
+                    st, derived = core.fold(st, rec, book)
+                    for d in derived:
+                        if d["type"] == "event_rejected":
+                            sends.append((rejected, akey, orjson.dumps(d)))
+                    touched[akey] = b"S" + st.to_bytes()
+                await send_all(sends)
+                for k, v in touched.items():
+                    identity[k] = v
+                if touched:
+                    await app.producer.flush()
+
+    @app.agent(by_lead, name="leads")
+    async def lead_agent(stream: faust.StreamT) -> Any:
+        async with _crash_worker_on_error(app):
+            async for batch in stream.take_events(batch_size, within=batch_within):
+                sends: list[tuple[faust.TopicT, bytes, bytes]] = []
+                states: dict[bytes, tuple[int, lead_log.LeadLogState | None]] = {}
+                for ev in batch:
+                    key = ev.key
+                    if key in states:
+                        last, st = states[key]
+                    else:
+                        last, st = _unpack_lead(leads.get(key))
+                    offset = ev.message.offset
+                    if offset <= last:
+                        continue  # redelivered input already folded into the stored state
+                    try:
+                        rec = orjson.loads(ev.value)
+                        if rec.get("type") != lead_log.RESOLVE_TYPE:
+                            rec = upcast(rec)
+                        st, derived = lead_log.apply(st, key.decode(), rec, book)
+                    except Exception as exc:  # poison record: dead-letter it, keep the lead's state as it was
+                        log.warning("rejecting an unfoldable record at %s/%s: %s", ev.message.partition, offset, exc)
+                        sends.append((rejected, key, _rejected_raw(ev.value, f"unfoldable: {exc}")))
+                        states[key] = (offset, st)
+                        continue
+                    states[key] = (offset, st)
+                    for d in derived:
+                        sends.append((out_topics[d["type"]], key, orjson.dumps(d)))
+                await send_all(sends)  # derived events are durable before the state that produced them
+                for k, (off, st) in states.items():
+                    if st is not None:
+                        leads[k] = off.to_bytes(8, "big", signed=True) + st.to_bytes()
+                await app.producer.flush()
+
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _crash_worker_on_error(app: faust.App) -> AsyncIterator[None]:
+    """An agent that dies must take the worker down (a live process folding nothing is worse: nobody notices)."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("agent crashed; stopping the worker")
+        await app.crash(exc)
+        raise
+
+
+def _unpack_lead(raw: bytes | None) -> tuple[int, lead_log.LeadLogState | None]:
+    """Table value of a lead: 8-byte offset of the last by-lead record folded, then the state."""
+    if not raw:
+        return -1, None
+    return int.from_bytes(raw[:8], "big", signed=True), lead_log.LeadLogState.from_bytes(memoryview(raw)[8:])
+
+
+def _unpack_identity(raw: bytes | None) -> tuple[str | None, bytes | None]:
+    if not raw:
+        return None, None
+    if raw[:1] == b"L":
+        return raw[1:].decode(), None
+    return None, raw[1:]
+
+
+def _rejected_raw(value: bytes | None, reason: str) -> bytes:
+    digest = hashlib.sha256(value or b"").hexdigest()[:32]
+    return orjson.dumps({"type": "event_rejected", "reason": reason, "field": None,
+                         "event_id": f"rejected:raw:{digest}",
+                         "event": (value or b"").decode("utf-8", "replace")[:4000]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`leadledger processor [--loglevel warn]`: run one worker; start more processes to scale out."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="leadledger processor")
+    p.add_argument("--loglevel", default=os.environ.get("LEADLEDGER_LOGLEVEL", "warn"),
+                   choices=["crit", "error", "warn", "info", "debug"])
+    a = p.parse_args(argv or [])
+    app = create_app()
+    sys.argv = ["leadledger-processor", "worker", "-l", a.loglevel, "--without-web"]
+    app.main()
+    return 0
