@@ -1,0 +1,188 @@
+"""The BI query API over the projections (SQLite and the real PostgreSQL): auth, filters, cursor pagination,
+CSV export, bad parameters, and funnel / forecast numbers checked against a hand-computed history."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from projections import sql_schema
+from projections.sql_writer import apply_batch
+from services.query_api import create_app, load_tokens
+from tests.projections_support import T0, db_url, iso, scored, small_history, touchpoint  # noqa: F401
+
+TOKENS = {"t-bi": "bi", "t-audit": "auditor", "t-sales": "sales", "t-admin": "admin"}
+BI = {"Authorization": "Bearer t-bi"}
+
+
+def _load(url: str, records: list[dict]) -> None:
+    sql_schema.migrate(url)
+    engine = sql_schema.make_engine(url)
+    with engine.begin() as conn:
+        apply_batch(conn, records)
+    engine.dispose()
+
+
+@pytest.fixture
+def client(db_url):
+    _load(db_url, small_history())
+    with TestClient(create_app(db_url, TOKENS)) as c:
+        yield c
+
+
+def _many(n: int) -> list[dict]:
+    recs = []
+    for i in range(n):
+        lead = f"m{i:03d}@y.com"
+        at = T0 + timedelta(hours=i)
+        recs.append(touchpoint(lead, f"{lead}-1", "page_viewed", at, source="web" if i % 2 else "pixel",
+                               payload={"url": "/"}))
+        recs.append(scored(lead, 1, at, float(i % 5), 0.0, f"{lead}-1"))  # many equal scores: tie-break by lead
+    return recs
+
+
+def test_auth(client) -> None:
+    assert client.get("/v1/leads").status_code == 401
+    r = client.get("/v1/leads", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    for token in TOKENS:
+        assert client.get("/v1/funnel", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/leads", "/v1/funnel", "/v1/forecast"}
+
+
+def test_load_tokens() -> None:
+    assert load_tokens("") == {"dev-bi-token": "bi", "dev-admin-token": "admin"}
+    assert load_tokens('{"abc": "auditor"}') == {"abc": "auditor"}
+    with pytest.raises(ValueError):
+        load_tokens('{"abc": "root"}')
+
+
+@pytest.mark.parametrize("query,param", [
+    ("min_score=abc", "min_score"), ("limit=0", "limit"), ("limit=501", "limit"), ("stage=bogus", "stage"),
+    ("sort=name", "sort"), ("direction=up", "direction"), ("cursor=%%%", "cursor"), ("format=xml", "format"),
+    ("updated_since=yesterday", "updated_since"),
+])
+def test_bad_lead_parameters(client, query, param) -> None:
+    r = client.get(f"/v1/leads?{query}", headers=BI)
+    assert r.status_code == 422, r.text
+    assert any(param in d["loc"] for d in r.json()["detail"])
+
+
+@pytest.mark.parametrize("path,param", [
+    ("/v1/funnel?group_by=country", "group_by"), ("/v1/funnel?from=2026-13-01", "from"),
+    ("/v1/funnel?from=2026-02-01&to=2026-01-01", "to"), ("/v1/forecast?wins=0&days=10", "wins"),
+    ("/v1/forecast?wins=3", "days"), ("/v1/forecast?wins=3&days=x", "days"),
+])
+def test_bad_funnel_parameters(client, path, param) -> None:
+    r = client.get(path, headers=BI)
+    assert r.status_code == 422, r.text
+    assert any(param in d["loc"] for d in r.json()["detail"])
+
+
+def test_lead_filters(client) -> None:
+    def leads(q: str) -> list[str]:
+        r = client.get(f"/v1/leads?{q}", headers=BI)
+        assert r.status_code == 200, r.text
+        return [x["lead"] for x in r.json()["items"]]
+
+    assert sorted(leads("")) == ["a@x.com", "b@x.com", "c@x.com", "d@x.com", "e@x.com"]
+    assert leads("stage=mql") == ["c@x.com"]
+    assert sorted(leads("source=form")) == ["c@x.com", "d@x.com"]
+    assert sorted(leads("campaign=summer")) == ["d@x.com", "e@x.com"]
+    assert leads("owner=sam&sort=updated_at") == ["a@x.com", "b@x.com"]
+    assert sorted(leads("min_score=50")) == ["a@x.com", "b@x.com", "c@x.com"]
+    assert sorted(leads("updated_since=" + iso(T0 + timedelta(days=40)).replace("+", "%2B"))) == ["d@x.com", "e@x.com"]
+    assert leads("sort=mql_at&direction=asc") == ["a@x.com", "b@x.com", "c@x.com"]
+    one = client.get("/v1/leads/a@x.com", headers=BI).json()
+    assert one["stage"] == "won" and one["latest_score"]["score"] == 60.0
+    assert one["latest_score"]["explanation"]["engagement"][0]["rule"] == "download"
+    assert [h["to_stage"] for h in one["stage_history"]][-1] == "won"
+    assert one["handoffs_detail"][0]["time_to_first_touch_s"] == 10800
+    assert client.get("/v1/leads/nobody", headers=BI).status_code == 404
+
+
+@pytest.mark.parametrize("sort", ["score", "updated_at"])
+@pytest.mark.parametrize("direction", ["asc", "desc"])
+def test_cursor_pagination(db_url, sort, direction) -> None:
+    _load(db_url, _many(23))
+    with TestClient(create_app(db_url, TOKENS)) as c:
+        full = c.get(f"/v1/leads?sort={sort}&direction={direction}&limit=500", headers=BI).json()
+        assert full["next_cursor"] is None and len(full["items"]) == 23
+        seen, cursor = [], None
+        while True:
+            q = f"/v1/leads?sort={sort}&direction={direction}&limit=5" + (f"&cursor={cursor}" if cursor else "")
+            page = c.get(q, headers=BI).json()
+            seen += page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == full["items"]
+        key = [(x[sort], x["lead"]) for x in seen]
+        assert key == sorted(key, reverse=direction == "desc")
+        # a cursor of one sort order is refused by another
+        first = c.get(f"/v1/leads?sort={sort}&direction={direction}&limit=5", headers=BI).json()["next_cursor"]
+        other = "asc" if direction == "desc" else "desc"
+        assert c.get(f"/v1/leads?sort={sort}&direction={other}&cursor={first}", headers=BI).status_code == 422
+        # CSV export: every matching lead
+        r = c.get("/v1/leads?format=csv&source=web", headers=BI)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+        rows = list(csv.DictReader(io.StringIO(r.text)))
+        assert len(rows) == 11 and {row["first_source"] for row in rows} == {"web"}
+
+
+def _conv(group: dict) -> dict:
+    return {(c["from"], c["to"]): (c["entered"], c["converted"]) for c in group["conversion"]}
+
+
+def test_funnel_numbers(client, db_url) -> None:
+    """Hand-computed from tests.projections_support.small_history (a stage every 2 days):
+    a: known..won, b: ..sal, c: ..mql, d: ..lead, e: known only; a,b,e from web; c,d from form."""
+    body = client.get("/v1/funnel", headers=BI).json()
+    (g,) = body["groups"]
+    assert g["leads"] == 5
+    assert _conv(g) == {("known", "lead"): (5, 4), ("lead", "mql"): (4, 3), ("mql", "sal"): (3, 2),
+                        ("sal", "sql"): (2, 1), ("sql", "opportunity"): (1, 1), ("opportunity", "won"): (1, 1)}
+    assert [c["rate"] for c in g["conversion"]] == [0.8, 0.75, 0.666667, 0.5, 1.0, 1.0]
+    assert g["median_days_in_stage"] == {s: 2.0 for s in ("known", "lead", "mql", "sal", "sql", "opportunity")}
+    assert g["median_days_first_touch_to_mql"] == 4.0
+    assert g["median_days_first_touch_to_won"] == 12.0
+
+    # the SQL view agrees with the API
+    engine = sql_schema.make_engine(db_url)
+    with engine.connect() as conn:
+        view = {(r.from_stage, r.to_stage): (r.entered, r.converted)
+                for r in conn.execute(sa.text("SELECT * FROM funnel_conversion"))}
+    engine.dispose()
+    assert view == _conv(g)
+
+    by_source = {x["group"]: x for x in client.get("/v1/funnel?group_by=source", headers=BI).json()["groups"]}
+    assert set(by_source) == {"web", "form"}
+    assert _conv(by_source["web"])[("known", "lead")] == (3, 2)
+    assert _conv(by_source["form"])[("lead", "mql")] == (2, 1)
+    assert _conv(by_source["form"])[("mql", "sal")] == (1, 0)
+    assert by_source["form"]["conversion"][3]["rate"] is None  # nobody entered sal
+
+    by_cohort = {x["group"]: x["leads"] for x in client.get("/v1/funnel?group_by=cohort", headers=BI).json()["groups"]}
+    assert by_cohort == {"2026-01": 3, "2026-02": 2}
+    by_campaign = {x["group"]: x["leads"]
+                   for x in client.get("/v1/funnel?group_by=campaign", headers=BI).json()["groups"]}
+    assert by_campaign == {"spring": 2, "summer": 2, None: 1}
+
+    feb = client.get("/v1/funnel?from=2026-02-01&to=2026-02-28", headers=BI).json()["groups"][0]
+    assert feb["leads"] == 2 and _conv(feb)[("known", "lead")] == (2, 1)
+
+
+def test_forecast(client) -> None:
+    r = client.get("/v1/forecast?wins=2&days=5", headers=BI).json()
+    # mql->sal 2/3, sal->sql 1/2, sql->opp 1, opp->won 1: MQL->won 1/3, SQL->won 1
+    assert r["mqls_needed"] == 6 and r["sqls_needed"] == 2
+    assert r["median_days_mql_to_won"] == 8.0 and r["feasible_in_days"] is False
+    assert r["thin_history"] is True and any("thin" in n for n in r["notes"])
+    assert client.get("/v1/forecast?wins=2&days=30", headers=BI).json()["feasible_in_days"] is True
+    empty = client.get("/v1/forecast?wins=2&days=30&from=2030-01-01", headers=BI).json()
+    assert empty["mqls_needed"] is None and empty["thin_history"] is True
