@@ -109,8 +109,8 @@ class Agg:
     """Engagement/intent aggregates of one subject under one rule set (keyed in the state by rule-set version).
 
     ``sums[r]``/``counts[r]``: decayed sum (anchored at ``A``) and number of counted events per engagement rule;
-    ``total`` = Σ sums; ``buckets[(r, utc_day)]`` = the ≤ max_per_day counted entries ``(received_at, event_id,
-    occurred_at)`` of a capped rule (kept so a join recomputes the first N to arrive of the union exactly);
+    ``total`` = Σ sums; ``buckets[(r, utc_day)]`` = the ≤ max_per_day counted entries ``(received_at string,
+    event_id, occurred_at)`` of a capped rule (kept so a join recomputes the first N to arrive of the union exactly);
     ``top`` = the TOP_K largest positive contributions ``(-log2(points) - occ/h, event_id, r, occ)`` (time-invariant
     order); ``pending[i]`` = unfired ``first`` events ``(occ, event_id)`` of intent rule ``i``, sorted; at most
     MAX_PENDING (the earliest occurred is dropped first).
@@ -174,7 +174,7 @@ class LeadState:
         self.seq = 0                  # touchpoints folded
         self.t: Optional[float] = None      # latest occurred_at seen (epoch s) = evaluation time
         self.t_str: Optional[str] = None
-        self.attrs: dict[str, tuple] = {}   # name -> (value or None when cleared, received_at, event_id)
+        self.attrs: dict[str, tuple] = {}   # name -> (value or None when cleared, received_at str, event_id)
         self.vals: dict[str, Any] = {}      # name -> present value
         self.rev = 0                  # bumped on every attribute change
         self.email: Optional[str] = None    # latest envelope email seen
@@ -261,7 +261,7 @@ def _agg(state: LeadState, rs: CompiledRuleSet) -> Agg:
     return a
 
 
-def _set_attrs(state: LeadState, mapping: Any, ra: float, eid: str) -> None:
+def _set_attrs(state: LeadState, mapping: Any, ra: str, eid: str) -> None:
     if not isinstance(mapping, dict):
         return
     attrs, vals = state.attrs, state.vals
@@ -328,16 +328,14 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
     if not state.anonymous and state.stage == "anonymous":
         _transition(state, "known", rs_now, eid, "identified", None, out, occ)
     email = event.get("email")
-    if email and email is not state._er:
+    if email and email != state._er:
         state._er = email
         state.email = normalise_email(email)
     payload = event.get("payload")
     if payload is None:
         payload = {}
-    ra: Optional[float] = None
-
     if etype == "form_submitted" or etype == "attribute_updated":
-        ra = _received(event, occ)
+        ra = event.get("received_at") or occ_s
         _set_attrs(state, payload.get("fields" if etype == "form_submitted" else "attributes"), ra, eid)
     elif etype == "call_logged":
         if _qualified(payload.get("qualification")):
@@ -349,7 +347,9 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
     if rs_now is not None and not state.anonymous:
         thens = rs_now.intent_then.get(etype)
         if thens:
-            _fire_intents(state, event, payload, rs_now, thens, occ, out, book)
+            ag = state.aggs.get(rs_now.version)
+            if ag is not None and ag.pending:
+                _fire_intents(state, event, payload, rs_now, thens, occ, out, book)
 
     # engagement and intent `first` events, for every rule set of the book
     for rs in book.sets:
@@ -363,8 +363,8 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
         if entries is not None:
             w = -1.0
             h_s = rs.h_s
-            for ri, pts, cap, conds, nlp in entries:
-                if conds is not None and not conditions_hold(conds, event, payload):
+            for ri, pts, cap, _conds, nlp, match in entries:
+                if match is not None and not match(event, payload):
                     continue
                 if cap is not None:
                     if cap == 0:
@@ -375,9 +375,7 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
                         b = agg.buckets[bk] = []
                     elif len(b) >= cap:
                         continue
-                    if ra is None:
-                        ra = _received(event, occ)
-                    b.append((ra, eid, occ))
+                    b.append((event.get("received_at") or occ_s, eid, occ))
                 if w < 0.0:
                     if agg.A != t:
                         agg.advance(t, h_s)
@@ -400,7 +398,7 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
                             top.pop()
         if firsts is not None:
             for a in firsts:
-                if a[3] is None or conditions_hold(a[3], event, payload):
+                if a[7] is None or a[7](event, payload):
                     p = agg.pending.get(a[0])
                     if p is None:
                         p = agg.pending[a[0]] = []
@@ -416,9 +414,9 @@ def _occ_of(x: tuple) -> float:
     return x[0]
 
 
-def _received(event: dict, occ: float) -> float:
-    r = event.get("received_at")
-    return _fromiso(r).timestamp() if r else occ
+def _arrival_key(x: tuple) -> tuple:
+    """Order of two merged histories: (received_at, event_id); entries keep received_at as the wire string."""
+    return (_fromiso(x[0]).timestamp(), x[1])
 
 
 def _base(state: LeadState, etype: str, rs: Optional[CompiledRuleSet], cause: str) -> dict:
@@ -480,7 +478,7 @@ def _fire_intents(state: LeadState, event: dict, payload: dict, rs: CompiledRule
         pend = agg.pending.get(a[0])
         if not pend:
             continue
-        if a[5] is not None and not conditions_hold(a[5], event, payload):
+        if a[7] is not None and not a[7](event, payload):
             continue
         lo = bisect.bisect_left(pend, occ - a[6], key=_occ_of)
         hi = bisect.bisect_right(pend, occ, lo, key=_occ_of)
@@ -656,7 +654,7 @@ def merge(lead: LeadState, anon: LeadState, book: RuleBook) -> LeadState:
         lead.t, lead.t_str = anon.t, anon.t_str
     for k, v in anon.attrs.items():
         cur = lead.attrs.get(k)
-        if cur is None or (v[1], v[2]) > (cur[1], cur[2]):
+        if cur is None or _arrival_key(v[1:]) > _arrival_key(cur[1:]):
             lead.attrs[k] = v
     lead.vals = {k: v[0] for k, v in lead.attrs.items() if v[0] is not None}
     lead.rev += 1
@@ -695,7 +693,7 @@ def _merge_agg(a: Agg, b: Agg, rs: CompiledRuleSet) -> None:
         buckets: dict[tuple[int, int], list] = {}
         for key in sorted(set(a.buckets) | set(b.buckets)):
             cap = rules[key[0]][4]
-            ents = sorted([*a.buckets.get(key, ()), *b.buckets.get(key, ())])[:cap]
+            ents = sorted([*a.buckets.get(key, ()), *b.buckets.get(key, ())], key=_arrival_key)[:cap]
             if ents:
                 buckets[key] = ents
                 pts = rules[key[0]][3]
@@ -762,7 +760,20 @@ class Ledger:
         if eid in self.seen:
             self.duplicates += 1
             return []
-        key, anonymous, join = self.identity.route(ev)
+        lid = ev.get("lead_id")
+        if not lid:
+            email = ev.get("email")
+            aid = ev.get("anonymous_id")
+            if not email and aid and isinstance(aid, str):  # the common anonymous-only case, without lookups
+                key = self.identity.anon_to_lead.get(aid)
+                if key is None:
+                    key, anonymous, join = aid, True, None
+                else:
+                    anonymous, join = False, None
+            else:
+                key, anonymous, join = self.identity.route(ev)
+        else:
+            key, anonymous, join = self.identity.route(ev)
         self.seen.add(eid)
         if anonymous:
             st = self.anons.get(key)

@@ -29,7 +29,7 @@ import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, Iterable, Optional, Sequence, Union
 
 import orjson
 import yaml
@@ -379,6 +379,42 @@ def _compile_conditions(c: _Conditions) -> Optional[tuple]:
     return tuple(conds) or None
 
 
+def make_matcher(conds: Optional[tuple]) -> Optional[Callable[[dict, dict], bool]]:
+    """A fast ``(event, payload) -> bool`` for compiled conditions (None when there are none)."""
+    if conds is None:
+        return None
+    if len(conds) == 1 and conds[0][0] == "p":
+        _w, key, kind, needles = conds[0]
+        if kind == 0 and len(needles) == 1:
+            needle = needles[0]
+
+            def contains_one(ev: dict, p: dict) -> bool:
+                v = p.get(key)
+                if v is None:
+                    return False
+                return needle in (v.lower() if type(v) is str else lower_str(v))
+            return contains_one
+        if kind == 0:
+            def contains_any(ev: dict, p: dict) -> bool:
+                v = p.get(key)
+                if v is None:
+                    return False
+                v = v.lower() if type(v) is str else lower_str(v)
+                for n in needles:
+                    if n in v:
+                        return True
+                return False
+            return contains_any
+
+        def member(ev: dict, p: dict) -> bool:
+            v = p.get(key)
+            if v is None:
+                return False
+            return (v.lower() if type(v) is str else lower_str(v)) in needles
+        return member
+    return lambda ev, p: conditions_hold(conds, ev, p)
+
+
 def conditions_hold(conds: Optional[tuple], ev: dict, payload: dict) -> bool:
     """All compiled payload conditions hold on the event (case-insensitive). ``None`` = no condition."""
     if conds is None:
@@ -432,8 +468,10 @@ class CompiledRuleSet:
             name = r.name if r.name is not None else f"engagement[{i}]"
             pts = _num(r.points)
             eng.append((i, name, r.event, pts, r.max_per_day))
-            dispatch.setdefault(r.event, []).append((i, pts, r.max_per_day, _compile_conditions(r),
-                                                     -math.log2(pts) if pts > 0 else None))
+            conds = _compile_conditions(r)
+            # (rule index, points, cap, conditions, -log2(points) for the top-K key, matcher)
+            dispatch.setdefault(r.event, []).append((i, pts, r.max_per_day, conds,
+                                                     -math.log2(pts) if pts > 0 else None, make_matcher(conds)))
         self.eng_rules = tuple(eng)
         self.dispatch = {k: tuple(v) for k, v in dispatch.items()}
         self.capped = tuple(r[4] is not None for r in eng)
@@ -468,8 +506,8 @@ class CompiledRuleSet:
         first: dict[str, list] = {}
         then: dict[str, list] = {}
         for a in intents:
-            first.setdefault(a[2], []).append(a)
-            then.setdefault(a[4], []).append(a)
+            first.setdefault(a[2], []).append((*a, make_matcher(a[3])))
+            then.setdefault(a[4], []).append((*a, make_matcher(a[5])))
         self.intent_first = {k: tuple(v) for k, v in first.items()}
         self.intent_then = {k: tuple(v) for k, v in then.items()}
         if rs.stages is not None:
