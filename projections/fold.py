@@ -20,6 +20,52 @@ Public API
   used by the backtest and the tests.
 - ``subject_of(event) -> (lead_key | None, anonymous_id | None)``; ``parse_ts(s) -> float`` epoch seconds.
 
+Semantics at the edges of §4 (decisions; each is tested in tests/test_fold.py)
+--------------------------------------------------------------------------------
+1. Subject: ``lead_id`` as given (blank = absent), else the email trimmed and lower-cased; else the anonymous id.
+   A lead_id subject and an email subject are never linked (§4 only joins anonymous ids).
+2. Join: the first event carrying an anonymous id and a lead key maps the anonymous id to that lead forever and
+   merges the anonymous subject (if any) into the lead before the event is folded; the lead is evaluated once,
+   after the event. A later event with that anonymous id and another lead key belongs to that lead and does not
+   move the cookie. The anonymous subject's rejected/alert counts and event count carry over. The lead's stage
+   machine is not re-folded.
+3. A lead subject starts at ``anonymous`` and is moved to ``known`` (``lead_stage_changed``, reason ``identified``)
+   as the first step of its first event, before the event is applied: so an SGL ``stage_changed`` to ``sql`` as a
+   lead's very first event is accepted.
+4. Attributes come only from ``form_submitted.fields`` and ``attribute_updated.attributes``; ``""`` or null clears.
+   The envelope email is not an attribute (``summary()["email"]`` falls back to it).
+5. String conditions compare ``str.lower()`` of both sides (non-strings by their text, booleans as true/false).
+   Engagement/intent conditions: ``url_contains``/``referrer_contains``/``title_contains`` (substring, any needle),
+   ``asset_in``/``outcome_in``/``form_in`` (payload membership), ``campaign_in`` (payload.campaign, else the
+   envelope campaign), ``source_in`` (envelope). A missing field fails the condition. Several conditions: all must
+   hold. ``range`` reads ints/floats and strings that parse as a finite float after trimming (``"1,000"``,
+   booleans, NaN → no match).
+6. t = the latest occurred_at of every event folded into the subject (including rejected ``stage_changed`` events
+   and types no rule knows). Before the first effective_from no rule set is in force: fit = 0, engagement = 0, no
+   MQL, ``rules_version`` null; completeness then uses the default seven attributes and the default stage table.
+7. A rejected ``stage_changed`` is still part of the history (t, dedupe, engagement rules on ``stage_changed``);
+   only the move is not applied. Stage names are exact (case-sensitive); a move to the current stage, to an
+   unknown stage or without ``payload.to`` is rejected.
+8. Cool-down: from the occurred_at of the ``stage_changed`` that entered ``recycled`` to t, in seconds:
+   t − recycled_at ≥ cooldown_days × 86400.
+9. Qualification facts: a ``call_logged`` whose ``payload.qualification`` has a truthy ``problem``, ``role``,
+   ``schedule`` or ``timing`` (other keys ignored); once arrived it counts for the lead forever.
+10. Order within one event: identify → attributes / qualification / stage move → intent ``then`` check →
+    engagement and intent ``first`` bookkeeping → evaluation (known↔lead by completeness only while the stage is
+    known or lead; then MQL, which may chain known→lead→mql in one evaluation; hand-off episode = hand-offs + 1).
+11. Anonymous subjects are scored (visible in the backtest) but emit no ``lead_scored``/stage/hand-off/intent
+    events (only ``event_rejected``); an intent ``then`` on an anonymous subject does not fire, its ``first``
+    events are kept and come along on a join.
+12. Intent alerts: under the rule set in force at t when the ``then`` event arrives; the ``first`` must have arrived
+    earlier and 0 ≤ then.occurred_at − first.occurred_at ≤ within_hours; one ``then`` may fire for several
+    ``first`` events; once per (rule name, first event id), also across rule-set versions.
+13. ``lead_scored`` is emitted when (fit, engagement) differ from the previous evaluation's; ``seq`` counts the
+    touchpoints folded into the subject (merged anonymous ones included).
+14. Bounds: dedupe window ≥ 1,000 event ids per subject (the backtest also dedupes globally); ≤ 256 pending
+    intent ``first`` events per (rule set, rule); top touchpoints: 5 per rule set; capped buckets keep their ≤ N
+    counted entries per (rule, UTC day) with activity. A rule set added to the book after a state was built starts
+    with empty aggregates for that state: replay the log to back-fill it (the backtest always does).
+
 Numerics: per rule set, the decayed sum ``total`` is kept valued at ``A`` = the lead's t when the last contribution
 was added: a new contribution first rescales it by 0.5^((t − A)/h), then adds points·0.5^((t − occ)/h) (exactly
 ``points`` when occ = t). Evaluation at t computes total·0.5^((t − A)/h) without storing it, so pure decay never
@@ -43,7 +89,7 @@ from projections.rules import (DEFAULT_LEAD_ATTRIBUTES, DEFAULT_TRANSITIONS, STA
 TOP_K = 5                 # top contributing touchpoints kept per rule set (for hand-offs)
 DEDUPE_WINDOW = 1000      # per subject, the ids of at least the last 1,000 (at most 2,000) events are remembered:
                           # a producer may retry an event until 1,000 newer events of the same subject arrived
-MAX_PENDING = 256         # unfired `first` events kept per (rule set, intent rule), oldest dropped first
+MAX_PENDING = 256         # unfired `first` events kept per (rule set, intent rule), earliest occurred dropped first
 _STATE_FORMAT = 1
 
 _UTC = timezone.utc
@@ -190,7 +236,9 @@ class LeadState:
         self._er: Optional[str] = None
         self._cmp: Optional[tuple] = None
 
-    new = classmethod(lambda cls, key, anonymous=False: cls(key, anonymous))
+    @classmethod
+    def new(cls, key: str, anonymous: bool = False) -> "LeadState":
+        return cls(key, anonymous)
 
     @property
     def attributes(self) -> dict[str, Any]:
@@ -480,12 +528,19 @@ def _fire_intents(state: LeadState, event: dict, payload: dict, rs: CompiledRule
             continue
         if a[7] is not None and not a[7](event, payload):
             continue
-        lo = bisect.bisect_left(pend, occ - a[6], key=_occ_of)
-        hi = bisect.bisect_right(pend, occ, lo, key=_occ_of)
+        within = a[6]
+        # candidates by bisection (a second wider), then the exact test 0 <= then.occ - first.occ <= within
+        lo = bisect.bisect_left(pend, occ - within - 1.0, key=_occ_of)
+        hi = bisect.bisect_right(pend, occ + 1.0, lo, key=_occ_of)
         if lo == hi:
             continue
-        fired = pend[lo:hi]
-        del pend[lo:hi]
+        fired = [p for p in pend[lo:hi] if 0.0 <= occ - p[0] <= within]
+        if not fired:
+            continue
+        if len(fired) == hi - lo:
+            del pend[lo:hi]
+        else:
+            agg.pending[a[0]] = pend = [p for p in pend if not (p in fired)]
         name = a[1]
         gone = {p[1] for p in fired}
         # once per (rule, first event): drop these firsts from the same-named rule of the other rule sets too
