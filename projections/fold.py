@@ -372,7 +372,11 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
     if t is None or occ > t:
         state.t = t = occ
         state.t_str = occ_s
-    rs_now = book.in_force(t)
+    single = book.single
+    if single is not None:
+        rs_now = single if t >= single.eff else None
+    else:
+        rs_now = book.in_force(t)
     if not state.anonymous and state.stage == "anonymous":
         _transition(state, "known", rs_now, eid, "identified", None, out, occ)
     email = event.get("email")
@@ -425,8 +429,11 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
                         continue
                     b.append((event.get("received_at") or occ_s, eid, occ))
                 if w < 0.0:
-                    if agg.A != t:
-                        agg.advance(t, h_s)
+                    A = agg.A
+                    if A != t:
+                        if A is not None and agg.total != 0.0:
+                            agg.total *= 2.0 ** ((A - t) / h_s)
+                        agg.A = t
                     w = 1.0 if occ == t else 2.0 ** ((occ - t) / h_s)
                     sums = agg.sums
                     anch = agg.anch
@@ -615,7 +622,8 @@ def _evaluate(state: LeadState, rs: Optional[CompiledRuleSet], cause: str, out: 
         eng = 0.0
         lead_attrs: tuple = DEFAULT_LEAD_ATTRIBUTES
     else:
-        fit = _fit(state, rs)[2]
+        c = state._fitc
+        fit = c[2] if c is not None and c[0] is rs and c[1] == state.rev else _fit(state, rs)[2]
         agg = state.aggs.get(rs.version)
         if agg is None or agg.A is None:
             eng = 0.0

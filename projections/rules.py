@@ -588,6 +588,7 @@ class RuleBook:
         self.sets: tuple[CompiledRuleSet, ...] = tuple(compiled)
         self._effs = effs
         self.by_version = {r.version: r for r in compiled}
+        self.single: Optional[CompiledRuleSet] = compiled[0] if len(compiled) == 1 else None
 
     @classmethod
     def from_paths(cls, paths: Iterable[Union[str, Path]]) -> "RuleBook":
