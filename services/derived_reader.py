@@ -17,11 +17,7 @@ async def read_topic(bootstrap: str, topic: str, dedupe: bool = True, timeout_ms
                                 enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        tps = await topic_partitions(consumer, topic)
         if not tps:
             return []
         consumer.assign(tps)
@@ -48,6 +44,15 @@ async def read_topic(bootstrap: str, topic: str, dedupe: bool = True, timeout_ms
         return out
     finally:
         await consumer.stop()
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, asking the broker when the consumer's metadata does not know the topic yet."""
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(topic) or set()
+    return [TopicPartition(topic, p) for p in sorted(parts)]
 
 
 def latest_by_lead(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.config import Settings, Topics
-from services.derived_reader import read_topic
+from services.derived_reader import read_topic, topic_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,9 +54,16 @@ class Worker:
         env = {**os.environ, **self.env, **self.extra, "LEADLEDGER_KAFKA_BOOTSTRAP": self.bootstrap,
                "LEADLEDGER_SESSION_TIMEOUT": "6", "LEADLEDGER_HEARTBEAT_INTERVAL": "1"}
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "processor", "--loglevel", "warn"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "processor", "--loglevel",
+                                      os.environ.get("LEADLEDGER_TEST_WORKER_LOGLEVEL", "warn")],
                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+
+    def check_alive(self) -> None:
+        """Raise with the worker's log tail when the process died (so a test fails fast, not on a timeout)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"processor exited with {self.proc.returncode}:\n{tail}")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -86,13 +93,7 @@ async def group_caught_up(bootstrap: str, group: str, topics: list[str]) -> bool
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)
-        tps = []
-        for t in topics:
-            parts = consumer.partitions_for_topic(t)
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(t) or set()
-            tps += [TopicPartition(t, p) for p in parts]
+        tps = [tp for t in topics for tp in await topic_partitions(consumer, t)]
         end = await consumer.end_offsets(tps)
         for tp in tps:
             if end[tp] == 0:
