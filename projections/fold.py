@@ -418,16 +418,24 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
             for ri, pts, cap, _conds, nlp, match in entries:
                 if match is not None and not match(event, payload):
                     continue
+                displaced = None
                 if cap is not None:
                     if cap == 0:
                         continue
                     bk = (ri, int(occ // 86400.0))
                     b = agg.buckets.get(bk)
+                    ra = event.get("received_at") or occ_s
                     if b is None:
                         b = agg.buckets[bk] = []
                     elif len(b) >= cap:
-                        continue
-                    b.append((event.get("received_at") or occ_s, eid, occ))
+                        # The first N by (received_at, event_id) count: within one partition that is arrival
+                        # order; an anonymous history reaching its lead late (another partition) merges by
+                        # received_at as §4 says, whatever the processing order was.
+                        displaced = max(b)
+                        if (ra, eid) >= (displaced[0], displaced[1]):
+                            continue
+                        b.remove(displaced)
+                    b.append((ra, eid, occ))
                 if w < 0.0:
                     A = agg.A
                     if A != t:
@@ -444,6 +452,12 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
                 sums[ri] += c
                 agg.counts[ri] += 1
                 agg.total += c
+                if displaced is not None:
+                    d = pts * (1.0 if displaced[2] == t else 2.0 ** ((displaced[2] - t) / h_s))
+                    sums[ri] -= d
+                    agg.counts[ri] -= 1
+                    agg.total -= d
+                    agg.top = [x for x in agg.top if x[1] != displaced[1] or x[2] != ri]
                 if nlp is not None:
                     top = agg.top
                     k = nlp - occ / h_s
