@@ -18,6 +18,15 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "backtest": ("projections.backtest:main", "fold a rule set over events offline (JSONL file)"),
     "demo": ("services.demo:main", "send a few journeys through the running stack and show the result"),
     "stack": ("services.stack:main", "set up the local stack and run every service in the foreground"),
+    "projector": ("services.projector:main", "project the derived topics into the SQL store"),
+    "query-api": ("services.query_api:main", "serve the BI query API (leads, funnel, forecast)"),
+}
+
+# two-word subcommands: (command, action) -> module:function
+NESTED: dict[tuple[str, str], str] = {
+    ("rules", "validate"): "projections.rules:validate_main",
+    ("projections", "migrate"): "projections.sql_schema:migrate_main",
+    ("projections", "rebuild"): "services.projector:rebuild_main",
 }
 
 
@@ -52,28 +61,26 @@ def _infra(argv: list[str]) -> int:
     return 0
 
 
-def _rules(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="leadledger rules", description="rule sets for marketing ops")
-    p.add_argument("action", choices=["validate"])
-    a, rest = p.parse_known_args(argv)
-    return _resolve("projections.rules:validate_main")(rest)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"infra": "start/stop/inspect the local Kafka broker and PostgreSQL",
-                "rules": "validate rule-set files",
-                **{k: v[1] for k, v in DELEGATED.items()}}
+                **{k: v[1] for k, v in DELEGATED.items()},
+                **{f"{c} {a}": "" for c, a in NESTED}}
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: leadledger COMMAND [ARGS...]\n\ncommands:")
         for name, help_ in commands.items():
-            print(f"  {name:<10} {help_}")
+            print(f"  {name:<22} {help_}")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "infra":
         return _infra(rest)
-    if cmd == "rules":
-        return _rules(rest)
+    groups = {c for c, _ in NESTED}
+    if cmd in groups:
+        actions = sorted(a for c, a in NESTED if c == cmd)
+        if not rest or rest[0] not in actions:
+            print(f"usage: leadledger {cmd} {{{','.join(actions)}}} ...", file=sys.stderr)
+            return 2
+        return int(_resolve(NESTED[(cmd, rest[0])])(rest[1:]) or 0)
     if cmd in DELEGATED:
         return int(_resolve(DELEGATED[cmd][0])(rest) or 0)
     print(f"leadledger: unknown command {cmd!r}; try leadledger --help", file=sys.stderr)
