@@ -152,6 +152,10 @@ touchpoint_archive = sa.Table(
     sa.Column("source", sa.String(64)),
     sa.Column("campaign", sa.String(255)),
     sa.Column("envelope", JSONType, nullable=False),
+    # revision 0003: the per-lead hash chain (projections/audit_chain.py)
+    sa.Column("prev_event_id", sa.String(128)),
+    sa.Column("prev_hash", sa.String(64)),
+    sa.Column("hash", sa.String(64)),
     sa.Index("ux_touchpoint_archive_lead_seq", "lead", "seq", unique=True),
 )
 

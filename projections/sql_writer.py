@@ -22,6 +22,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from projections.audit_chain import archive_id, link
+from projections.lead_log import RESOLVE_TYPE
 from projections.sql_schema import (handoffs, lead_score_history, lead_stage_history, leads, projector_offsets,
                                     touchpoint_archive)
 
@@ -123,28 +125,17 @@ def apply_batch(conn: sa.Connection, records: Iterable[dict]) -> dict[str, int]:
         else:
             tps.append(r)
 
-    tps = _new_only(conn, touchpoint_archive, tps)
+    tps = _new_only(conn, touchpoint_archive, [_archivable(r) for r in tps])
     scored = _new_only(conn, lead_score_history, scored)
     staged = _new_only(conn, lead_stage_history, staged)
     handed = _new_only(conn, handoffs, handed)
 
-    # -- touchpoint archive: seq per lead continues from the stored maximum
+    # -- touchpoint archive: seq per lead continues from the stored maximum, each row chained to the previous one
+    #    (projections/audit_chain.py); join resolutions are archived too (replays need them)
+    archived = len(tps)
     if tps:
-        keys = sorted({touchpoint_lead(r) for r in tps})
-        next_seq: dict[str, int] = {}
-        for part in _chunks(keys):
-            rows = conn.execute(sa.select(touchpoint_archive.c.lead, sa.func.max(touchpoint_archive.c.seq))
-                                .where(touchpoint_archive.c.lead.in_(part)).group_by(touchpoint_archive.c.lead))
-            next_seq.update({lead: (m or 0) + 1 for lead, m in rows})
-        rows_out = []
-        for r in tps:
-            key = touchpoint_lead(r)
-            seq = next_seq.get(key, 1)
-            next_seq[key] = seq + 1
-            rows_out.append(dict(event_id=r["event_id"], lead=key, seq=seq, type=r["type"],
-                                 occurred_at=ts(r["occurred_at"]), received_at=ts(r.get("received_at")),
-                                 source=r.get("source"), campaign=r.get("campaign"), envelope=_envelope(r)))
-        conn.execute(dialect_insert(conn, touchpoint_archive).on_conflict_do_nothing(), rows_out)
+        _archive(conn, tps)
+    tps = [r for r in tps if r["type"] != RESOLVE_TYPE]
 
     if scored:
         conn.execute(dialect_insert(conn, lead_score_history).on_conflict_do_nothing(), [
@@ -177,8 +168,57 @@ def apply_batch(conn: sa.Connection, records: Iterable[dict]) -> dict[str, int]:
         _fix_first_sales_touch(conn, sorted(sales_leads))
 
     _update_leads(conn, tps, scored, staged, handed)
-    return {"touchpoint_archive": len(tps), "lead_score_history": len(scored),
+    return {"touchpoint_archive": archived, "lead_score_history": len(scored),
             "lead_stage_history": len(staged), "handoffs": len(handed)}
+
+
+def _archivable(rec: dict) -> dict:
+    """A by-lead record as archived: ids longer than the column (long join-resolution ids) are digested."""
+    aid = archive_id(rec["event_id"])
+    if aid == rec["event_id"]:
+        return rec
+    out = dict(rec)
+    out["event_id"] = aid
+    out["_envelope"] = _envelope(rec)
+    return out
+
+
+def _archive(conn: sa.Connection, tps: list[dict]) -> None:
+    a = touchpoint_archive
+    keys = sorted({touchpoint_lead(r) for r in tps})
+    last: dict[str, tuple[int, str, str]] = {}  # lead -> (seq, hash, event_id) of its latest archived row
+    for part in _chunks(keys):
+        top = sa.select(a.c.lead, sa.func.max(a.c.seq).label("m")).where(a.c.lead.in_(part)) \
+            .group_by(a.c.lead).subquery()
+        rows = conn.execute(sa.select(a.c.lead, a.c.seq, a.c.hash, a.c.event_id)
+                            .join(top, sa.and_(a.c.lead == top.c.lead, a.c.seq == top.c.m)))
+        last.update({lead: (seq, h, eid) for lead, seq, h, eid in rows})
+    # a join resolution takes the times of the event that asked for it (archived before it, same lead)
+    times = {r["event_id"]: (r["occurred_at"], r.get("received_at")) for r in tps if r["type"] != RESOLVE_TYPE}
+    wanted = sorted({r["request_id"] for r in tps if r["type"] == RESOLVE_TYPE and r.get("request_id")} - set(times))
+    for part in _chunks(wanted):
+        for eid, occ, ra in conn.execute(sa.select(a.c.event_id, a.c.occurred_at, a.c.received_at)
+                                         .where(a.c.event_id.in_(part))):
+            times[eid] = (occ, ra)
+    rows_out = []
+    prev_times: dict[str, tuple] = {}
+    for r in tps:
+        key = touchpoint_lead(r)
+        seq, h, eid = last.get(key, (0, None, None))
+        if r["type"] == RESOLVE_TYPE:
+            occ, ra = times.get(r.get("request_id"), prev_times.get(key, (None, None)))
+            if occ is None:
+                occ = datetime(1970, 1, 1, tzinfo=timezone.utc)
+        else:
+            occ, ra = r["occurred_at"], r.get("received_at")
+        row = dict(event_id=r["event_id"], lead=key, seq=seq + 1, type=r["type"], occurred_at=ts(occ),
+                   received_at=ts(ra), source=r.get("source"), campaign=r.get("campaign"),
+                   envelope=r["_envelope"] if "_envelope" in r else _envelope(r))
+        link(row, (h, eid) if h is not None else None)
+        last[key] = (seq + 1, row["hash"], row["event_id"])
+        prev_times[key] = (occ, ra)
+        rows_out.append(row)
+    conn.execute(dialect_insert(conn, a).on_conflict_do_nothing(), rows_out)
 
 
 def _fix_left_at(conn: sa.Connection, lead_keys: list[str]) -> None:

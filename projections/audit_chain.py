@@ -1,0 +1,237 @@
+"""Tamper evidence for the touchpoint archive: a per-lead hash chain, and its verification (issue #7).
+
+Every archived record (``touchpoint_archive`` row) holds ``prev_hash`` and ``prev_event_id`` (the hash and id of
+the lead's previous record; the first record of a lead has ``prev_hash = GENESIS`` and ``prev_event_id = None``)
+and ``hash = sha256(prev_hash || "\\n" || canonical bytes of the record)``. The projector writes them in the same
+transaction as the row (``projections.sql_writer``).
+
+Canonical bytes: a small canonical JSON of ``event_id, lead, type, occurred_at, received_at, source, campaign,
+envelope, prev_event_id`` — keys sorted, no whitespace, timestamps as UTC ISO text with microseconds, every number
+written as its normalised decimal (so ``5``, ``5.0`` and PostgreSQL's JSONB rendering of ``1e20`` hash alike: the
+hash survives the database's own number normalisation). ``seq`` is not hashed: a record's position is protected
+by the chain itself, which is what lets verification tell a *reordered* record from an *altered* one.
+
+``verify_lead(rows)`` reports, per record:
+
+* ``altered``  — the record's content (or its prev_hash / prev_event_id) no longer matches its hash, or its hash
+  no longer matches what its successor recorded (content changed and the hash recomputed);
+* ``missing``  — a position of the chain is absent (deleted); the id is the ``prev_event_id`` its successor
+  recorded (unknown, ``None``, for all but the last of several consecutive deleted records);
+* ``reordered`` — the record is intact but sits at a position (``seq``) other than the one the chain gives it.
+
+Limits (docs/audit.md): the chain is not keyed, so someone able to rewrite the whole tail of a lead's chain
+consistently, or to delete its latest records, is caught only against an outside anchor (the Kafka log).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Iterable, Optional, Sequence
+
+import orjson
+
+GENESIS = "0" * 64
+#: archive ids are at most 128 characters (the column); longer ids (join resolutions keyed by a long lead) hash
+MAX_ID = 128
+
+
+def archive_id(event_id: str) -> str:
+    """The id a record is archived under: its event id, or a digest of it when longer than the column."""
+    if len(event_id) <= MAX_ID:
+        return event_id
+    return "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, float):
+        if x != x or x in (float("inf"), float("-inf")):
+            raise ValueError("non-finite number in an archived record")
+        d = Decimal(repr(x))
+    else:
+        d = Decimal(x)
+    if d == 0:
+        return "0"
+    return str(d.normalize())
+
+
+def _canon(v: Any, out: list) -> None:
+    if v is None:
+        out.append("null")
+    elif v is True:
+        out.append("true")
+    elif v is False:
+        out.append("false")
+    elif isinstance(v, str):
+        out.append(orjson.dumps(v).decode())
+    elif isinstance(v, (int, float)):
+        out.append(_num(v))
+    elif isinstance(v, dict):
+        out.append("{")
+        first = True
+        for k in sorted(v):
+            if not first:
+                out.append(",")
+            first = False
+            out.append(orjson.dumps(str(k)).decode())
+            out.append(":")
+            _canon(v[k], out)
+        out.append("}")
+    elif isinstance(v, (list, tuple)):
+        out.append("[")
+        for i, x in enumerate(v):
+            if i:
+                out.append(",")
+            _canon(x, out)
+        out.append("]")
+    elif isinstance(v, datetime):
+        out.append(orjson.dumps(_ts(v)).decode())
+    else:
+        raise TypeError(f"cannot canonicalise {type(v).__name__}")
+
+
+def _ts(v: Any) -> Optional[str]:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = datetime.fromisoformat(v)
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=timezone.utc)
+    return v.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def canonical_bytes(row: dict) -> bytes:
+    """The canonical bytes of an archive row (a mapping with the archive's column names)."""
+    rec = {"event_id": row["event_id"], "lead": row["lead"], "type": row["type"],
+           "occurred_at": _ts(row["occurred_at"]), "received_at": _ts(row.get("received_at")),
+           "source": row.get("source"), "campaign": row.get("campaign"), "envelope": row["envelope"],
+           "prev_event_id": row.get("prev_event_id")}
+    out: list = []
+    _canon(rec, out)
+    return "".join(out).encode()
+
+
+def record_hash(prev_hash: str, row: dict) -> str:
+    h = hashlib.sha256(prev_hash.encode("ascii"))
+    h.update(b"\n")
+    h.update(canonical_bytes(row))
+    return h.hexdigest()
+
+
+def link(row: dict, prev: Optional[tuple[str, str]]) -> dict:
+    """Fill ``prev_hash``, ``prev_event_id`` and ``hash`` of ``row`` after ``prev`` = (hash, event_id) or None."""
+    row["prev_hash"] = prev[0] if prev else GENESIS
+    row["prev_event_id"] = prev[1] if prev else None
+    row["hash"] = record_hash(row["prev_hash"], row)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- verification
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    lead: str
+    seq: int
+    kind: str                 # altered | missing | reordered
+    event_id: Optional[str]
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"lead": self.lead, "seq": self.seq, "kind": self.kind, "event_id": self.event_id,
+                "detail": self.detail}
+
+    def line(self) -> str:
+        return f"{self.kind} lead={self.lead} seq={self.seq} event_id={self.event_id}: {self.detail}"
+
+
+def verify_lead(lead: str, rows: Sequence[dict]) -> list[Problem]:
+    """Check one lead's archived rows (any order; each a mapping of the archive's columns)."""
+    rows = sorted(rows, key=lambda r: r["seq"])
+    problems: dict[tuple[str, int, str], Problem] = {}
+
+    def report(kind: str, seq: int, eid: Optional[str], detail: str) -> None:
+        problems.setdefault((kind, seq, eid or ""), Problem(lead, seq, kind, eid, detail))
+
+    altered: set[str] = set()
+    for r in rows:
+        if r.get("hash") is None or r.get("prev_hash") is None:
+            report("altered", r["seq"], r["event_id"], "no hash stored")
+            altered.add(r["event_id"])
+        elif record_hash(r["prev_hash"], r) != r["hash"]:
+            report("altered", r["seq"], r["event_id"], "content does not match its hash")
+            altered.add(r["event_id"])
+    by_hash: dict[str, dict] = {}
+    for r in rows:
+        if r.get("hash") is not None:
+            by_hash.setdefault(r["hash"], r)
+    by_seq = {r["seq"]: r for r in rows}
+
+    # the position the chain gives each record: 1 after GENESIS, parent's + 1; an orphan (its parent is gone or
+    # was changed) keeps its own seq, and its descendants follow from there
+    rank: dict[int, int] = {}
+    for r in rows:
+        path: list[dict] = []
+        on_path: set[int] = set()
+        cur: Optional[dict] = r
+        base: Optional[int] = None
+        while cur is not None and id(cur) not in rank:
+            if id(cur) in on_path:  # a cycle (forged hashes): treat as an orphan
+                base = cur["seq"] - 1
+                break
+            path.append(cur)
+            on_path.add(id(cur))
+            ph = cur.get("prev_hash")
+            if ph == GENESIS:
+                base = 0
+                break
+            parent = by_hash.get(ph) if ph is not None else None
+            if parent is None or parent is cur:
+                base = cur["seq"] - 1
+                break
+            cur = parent
+        if base is None:
+            base = rank[id(cur)]
+        for p in reversed(path):
+            base += 1
+            rank[id(p)] = base
+
+    for r in rows:
+        ph = r.get("prev_hash")
+        if ph is not None and ph != GENESIS and ph not in by_hash and r["event_id"] not in altered:
+            # the recorded predecessor is not in the chain: deleted, or changed (and re-hashed)
+            before = by_seq.get(r["seq"] - 1)
+            if r["seq"] > 1 and before is None:
+                report("missing", r["seq"] - 1, r.get("prev_event_id"), "record absent from the chain")
+            elif before is not None and before["event_id"] not in altered:
+                report("altered", before["seq"], before["event_id"],
+                       "its hash differs from the one its successor recorded")
+                altered.add(before["event_id"])
+        if r["event_id"] not in altered and rank[id(r)] != r["seq"]:
+            report("reordered", r["seq"], r["event_id"], f"chain position {rank[id(r)]}, stored at seq {r['seq']}")
+    present = set(by_seq)
+    top = max(present) if present else 0
+    for s in range(1, top):
+        if s not in present and not any(k[0] == "missing" and k[1] == s for k in problems):
+            report("missing", s, None, "record absent from the chain")
+    return sorted(problems.values(), key=lambda p: (p.seq, p.kind, p.event_id or ""))
+
+
+def verify_rows(rows: Iterable[dict]) -> tuple[int, int, list[Problem]]:
+    """Verify rows of many leads, given in (lead, seq) order; returns (records, leads, problems)."""
+    problems: list[Problem] = []
+    n = leads = 0
+    cur: Optional[str] = None
+    buf: list[dict] = []
+    for r in rows:
+        n += 1
+        if r["lead"] != cur:
+            if buf:
+                problems.extend(verify_lead(cur, buf))  # type: ignore[arg-type]
+            cur, buf = r["lead"], []
+            leads += 1
+        buf.append(r)
+    if buf:
+        problems.extend(verify_lead(cur, buf))  # type: ignore[arg-type]
+    return n, leads, problems
