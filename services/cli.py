@@ -20,6 +20,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "stack": ("services.stack:main", "set up the local stack and run every service in the foreground"),
     "projector": ("services.projector:main", "project the derived topics into the SQL store"),
     "query-api": ("services.query_api:main", "serve the BI query API (leads, funnel, forecast)"),
+    "alerts": ("services.alerts:main", "hot-lead alerts: SSE stream, signed webhooks, SLA, board (redrive, dead-letters)"),
 }
 
 # two-word subcommands: (command, action) -> module:function
