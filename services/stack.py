@@ -32,6 +32,8 @@ def _services() -> list[tuple[str, list[str]]]:
         out.append(("projector", ["projector"]))
     if importlib.util.find_spec("services.query_api"):
         out.append(("query-api", ["query-api"]))
+    if importlib.util.find_spec("services.alerts"):
+        out.append(("alerts", ["alerts"]))
     return out
 
 
