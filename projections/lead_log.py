@@ -79,6 +79,10 @@ def apply(st: Optional[LeadLogState], key: str, rec: dict[str, Any],
 
 
 def _touchpoint(st: LeadLogState, rec: dict[str, Any], book: RuleBook, out: list[dict]) -> None:
+    lead = st.lead
+    eid = rec.get("event_id")
+    if eid in lead.seen or eid in lead.seen_old:
+        return  # a redelivered or repeated event: nothing to fold, nothing to wait for
     if st.pending is not None:
         st.pending[2].append(rec)
         return

@@ -109,6 +109,48 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         if sends:
             await app.producer.flush()
 
+    progress: dict[Any, int] = {}  # last offset handed to an agent, per input partition
+    stall_after = float(os.environ.get("LEADLEDGER_STALL_SECONDS", "30"))
+    watched = {t.touchpoints, by_anon_name, t.by_lead}
+    stalled_since: dict[Any, tuple[int, float]] = {}
+
+    @app.timer(interval=max(1.0, stall_after / 6))
+    async def stall_watchdog() -> None:
+        """An assigned partition with a backlog that stops reaching the agents (a faust fetch-set bug seen after a
+        restart with tables to recover) is kicked back into the fetch set; if that does not help, the worker
+        stops loudly so its supervisor restarts it (nothing is lost: input is re-read from committed offsets)."""
+        consumer = app.consumer
+        if app.rebalancing or not app.tables.recovery.completed.is_set():
+            stalled_since.clear()
+            return
+        now = asyncio.get_running_loop().time()
+        for tp in consumer.assignment():
+            if tp.topic not in watched:
+                continue
+            hw = consumer.highwater(tp)
+            seen = progress.get(tp, -1)
+            if hw is None or seen + 1 >= hw:
+                stalled_since.pop(tp, None)
+                continue
+            first = stalled_since.setdefault(tp, (seen, now))
+            if first[0] != seen:
+                stalled_since[tp] = (seen, now)
+                continue
+            idle = now - first[1]
+            if idle >= 2 * stall_after:
+                log.error("partition %s/%s has not advanced for %.0fs with a backlog (at %s, highwater %s): "
+                          "stopping the worker so it restarts", tp.topic, tp.partition, idle, seen, hw)
+                await app.crash(RuntimeError(f"stalled partition {tp}"))
+                return
+            if idle >= stall_after:
+                active = consumer._get_active_partitions()
+                log.warning("partition %s/%s stalled for %.0fs (at %s, highwater %s; active=%s paused=%s "
+                            "buffered=%s): re-activating it", tp.topic, tp.partition, idle, seen, hw,
+                            tp in active, tp in consumer._paused_partitions, tp in consumer._buffered_partitions)
+                consumer._buffered_partitions.discard(tp)
+                consumer._paused_partitions.discard(tp)
+                active.add(tp)
+
     @app.agent(stage1_in, name="identity")
     async def identity_agent(stream: faust.StreamT) -> Any:
         async with _crash_worker_on_error(app):
@@ -116,6 +158,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 sends: list[tuple[faust.TopicT, bytes, bytes]] = []
                 touched: dict[bytes, bytes] = {}
                 for ev in batch:
+                    progress[ev.message.tp] = ev.message.offset
                     if ev.message.topic != t.touchpoints:  # a join request, keyed by its anonymous id
                         req = orjson.loads(ev.value)
                         akey = req["anonymous_id"].encode()
@@ -167,33 +210,33 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         async with _crash_worker_on_error(app):
             async for batch in stream.take_events(batch_size, within=batch_within):
                 sends: list[tuple[faust.TopicT, bytes, bytes]] = []
-                states: dict[bytes, tuple[int, lead_log.LeadLogState | None]] = {}
+                states: dict[bytes, lead_log.LeadLogState | None] = {}
                 for ev in batch:
                     key = ev.key
+                    progress[ev.message.tp] = ev.message.offset
                     if key in states:
-                        last, st = states[key]
+                        st = states[key]
                     else:
-                        last, st = _unpack_lead(leads.get(key))
-                    offset = ev.message.offset
-                    if offset <= last:
-                        continue  # redelivered input already folded into the stored state
+                        raw = leads.get(key)
+                        st = lead_log.LeadLogState.from_bytes(raw) if raw else None
                     try:
                         rec = orjson.loads(ev.value)
                         if rec.get("type") != lead_log.RESOLVE_TYPE:
                             rec = upcast(rec)
                         st, derived = lead_log.apply(st, key.decode(), rec, book)
                     except Exception as exc:  # poison record: dead-letter it, keep the lead's state as it was
-                        log.warning("rejecting an unfoldable record at %s/%s: %s", ev.message.partition, offset, exc)
+                        log.warning("rejecting an unfoldable record at %s/%s: %s", ev.message.partition,
+                                    ev.message.offset, exc)
                         sends.append((rejected, key, _rejected_raw(ev.value, f"unfoldable: {exc}")))
-                        states[key] = (offset, st)
+                        states[key] = st
                         continue
-                    states[key] = (offset, st)
+                    states[key] = st
                     for d in derived:
                         sends.append((out_topics[d["type"]], key, orjson.dumps(d)))
                 await send_all(sends)  # derived events are durable before the state that produced them
-                for k, (off, st) in states.items():
+                for k, st in states.items():
                     if st is not None:
-                        leads[k] = off.to_bytes(8, "big", signed=True) + st.to_bytes()
+                        leads[k] = st.to_bytes()
                 await app.producer.flush()
 
     return app
@@ -210,13 +253,6 @@ async def _crash_worker_on_error(app: faust.App) -> AsyncIterator[None]:
         log.exception("agent crashed; stopping the worker")
         await app.crash(exc)
         raise
-
-
-def _unpack_lead(raw: bytes | None) -> tuple[int, lead_log.LeadLogState | None]:
-    """Table value of a lead: 8-byte offset of the last by-lead record folded, then the state."""
-    if not raw:
-        return -1, None
-    return int.from_bytes(raw[:8], "big", signed=True), lead_log.LeadLogState.from_bytes(memoryview(raw)[8:])
 
 
 def _unpack_identity(raw: bytes | None) -> tuple[str | None, bytes | None]:

@@ -50,20 +50,31 @@ class Worker:
     proc: subprocess.Popen | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
+    _log_mark: int = 0
+
     def start(self) -> None:
+        self._log_mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = {**os.environ, **self.env, **self.extra, "LEADLEDGER_KAFKA_BOOTSTRAP": self.bootstrap,
-               "LEADLEDGER_SESSION_TIMEOUT": "6", "LEADLEDGER_HEARTBEAT_INTERVAL": "1"}
+               "LEADLEDGER_SESSION_TIMEOUT": "6", "LEADLEDGER_HEARTBEAT_INTERVAL": "1",
+               "LEADLEDGER_STALL_SECONDS": "8"}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "processor", "--loglevel",
                                       os.environ.get("LEADLEDGER_TEST_WORKER_LOGLEVEL", "warn")],
                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
+    restarts: int = 0
+
     def check_alive(self) -> None:
-        """Raise with the worker's log tail when the process died (so a test fails fast, not on a timeout)."""
+        """Act as the worker's supervisor: restart it when its stall watchdog stopped it on purpose; raise with
+        the log tail when it died of anything else (so a test fails fast, not on a timeout)."""
         if self.proc is not None and self.proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-3000:]
-            raise AssertionError(f"processor exited with {self.proc.returncode}:\n{tail}")
+            log = self.log_path.read_text(errors="replace")
+            if "stopping the worker so it restarts" in log[self._log_mark:] and self.restarts < 3:
+                self.restarts += 1
+                self.start()
+                return
+            raise AssertionError(f"processor exited with {self.proc.returncode}:\n{log[-3000:]}")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -107,11 +118,14 @@ async def group_caught_up(bootstrap: str, group: str, topics: list[str]) -> bool
         await admin.close()
 
 
-async def wait_caught_up(bootstrap: str, group: str, topics: list[str], timeout: float = 120.0) -> None:
+async def wait_caught_up(bootstrap: str, group: str, topics: list[str], timeout: float = 120.0,
+                         workers: tuple["Worker", ...] = ()) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     stable = 0
     while loop.time() < end:
+        for w in workers:
+            w.check_alive()
         # twice in a row: stage 1's output only exists once stage 1 processed, so one check can race
         stable = stable + 1 if await group_caught_up(bootstrap, group, topics) else 0
         if stable >= 2:
