@@ -70,3 +70,183 @@ def verify_main(argv: Optional[list[str]] = None) -> int:
         print(f"verified {n} records of {leads} leads: "
               + ("OK" if not problems else f"{len(problems)} problem(s)"))
     return 1 if problems else 0
+
+
+# ---------------------------------------------------------------------------------------------------- replay
+
+def lead_archive(conn: sa.Connection, lead: str) -> list[dict]:
+    """One lead's archived log in seq order (an index range scan on (lead, seq))."""
+    a = touchpoint_archive
+    q = sa.select(a.c.seq, a.c.event_id, a.c.type, a.c.occurred_at, a.c.received_at, a.c.envelope) \
+        .where(a.c.lead == lead).order_by(a.c.seq)
+    return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def reveal(obj, keystore_url: Optional[str]):
+    """Open the sealed PII of ``obj`` as far as the keystore allows (destroyed keys read ``[erased]``)."""
+    from projections import pii
+
+    ids = pii.key_ids(obj)
+    if not ids:
+        return obj
+    keys: dict = {}
+    if keystore_url:
+        from services.keystore import Keystore
+
+        ks = Keystore(keystore_url)
+        try:
+            keys = ks.keys(ids)
+        finally:
+            ks.close()
+    return pii.reveal(obj, keys)
+
+
+def replay_lead(engine: sa.Engine, lead: str, book, as_of=None, explain: bool = False,
+                keystore_url: Optional[str] = None) -> Optional[dict]:
+    """Replay ``lead`` from the archive (None when the archive has no record of it)."""
+    from projections.replay import replay
+
+    with engine.connect() as conn:
+        records = lead_archive(conn, lead)
+    if not records:
+        return None
+    return reveal(replay(lead, records, book, as_of=as_of, explain=explain), keystore_url)
+
+
+def _parse_time(s: str):
+    from datetime import datetime, timezone
+
+    dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{s!r}: an offset is required (e.g. 2026-03-01T00:00:00Z)")
+    return dt.astimezone(timezone.utc)
+
+
+def _text(out: dict, explain: bool) -> str:
+    lines = [f"lead {out['lead']}: {out['replayed']} of {out['records']} archived records"
+             + (f" as of {out['as_of']}" if out["as_of"] else "")]
+    if out["stopped_at"]:
+        s = out["stopped_at"]
+        lines.append(f"  (stopped before seq {s['seq']} {s['event_id']}, received {s['received_at']})")
+    for st in out["steps"]:
+        b, a = st["before"], st["after"]
+        head = f"#{st['seq']:<4} {st['received_at'] or '':<32} {st['type']:<19} {st['event_id']}"
+        lines.append(head)
+        if "join" in st:
+            j = st["join"]
+            lines.append(f"      join {j['anonymous_id']}: " + (f"merged {j['anonymous_events_merged']} anonymous events"
+                                                                 if j["joined"] else "already joined elsewhere"))
+        if st.get("held_for_join"):
+            lines.append("      held until the identity stage answers (folded at the join below)")
+        if (b["fit"], b["engagement"]) != (a["fit"], a["engagement"]) or b["rules_version"] != a["rules_version"]:
+            lines.append(f"      score {b['score']:.3f} -> {a['score']:.3f}  (fit {b['fit']} -> {a['fit']}, "
+                         f"engagement {b['engagement']:.3f} -> {a['engagement']:.3f}, rules {a['rules_version']})")
+        if explain and "why" in st:
+            w = st["why"]
+            for f in w["fit_rules_added"]:
+                lines.append(f"        + fit   {f['rule']} ({f['attribute']}) {f['points']:+}")
+            for f in w["fit_rules_removed"]:
+                lines.append(f"        - fit   {f['rule']} ({f['attribute']}) {-f['points']:+}")
+            for e in w["engagement_rules"]:
+                lines.append(f"        + eng   {e['rule']}: {e['events']:+} event(s) x {e['points']} -> "
+                             f"{e['contribution']:+.3f}")
+            if abs(w["decay"]) > 1e-12:
+                lines.append(f"          decay {w['decay']:+.3f}")
+        for c in st["changes"]:
+            if c["type"] == "lead_stage_changed":
+                lines.append(f"      stage {c['from']} -> {c['to']} ({c['reason']}" + (f", by {c['by']}" if c['by'] else "")
+                             + ")")
+            elif c["type"] == "lead_handed_off":
+                lines.append(f"      HAND-OFF episode {c['episode']} at {c['at']} (score {c['score']:.3f})")
+            elif c["type"] == "intent_alert":
+                lines.append(f"      intent alert {c['rule']} (first {c['first_event_id']})")
+            elif c["type"] == "event_rejected":
+                lines.append(f"      rejected: {c['reason']}")
+    s = out["state"]
+    lines.append(f"state: stage {s['stage']}, fit {s['fit']}, engagement {s['engagement']:.6f}, "
+                 f"score {s['score']:.6f}, hand-offs {s['handoffs']}, rules {s.get('rules_version')}")
+    lines.append(f"attributes: {orjson.dumps(s['attributes'], option=orjson.OPT_SORT_KEYS).decode()}")
+    if explain:
+        for f in s["explanation"]["fit"]:
+            lines.append(f"  fit  {f['rule']:<28} {f['points']:>8}")
+        for e in s["explanation"]["engagement"]:
+            lines.append(f"  eng  {e['rule']:<28} {e['contribution']:>12.6f}  ({e['events']} x {e['points']})")
+    return "\n".join(lines)
+
+
+def replay_main(argv: Optional[list[str]] = None) -> int:
+    """``leadledger replay --lead KEY [--as-of T] [--explain] [--json]``."""
+    p = argparse.ArgumentParser(prog="leadledger replay",
+                                description="replay one lead from the immutable archive, as of any instant")
+    p.add_argument("--lead", required=True, help="the lead key (lead_id, else normalised email)")
+    p.add_argument("--as-of", type=_parse_time, help="state after every record that had arrived by this instant")
+    p.add_argument("--explain", action="store_true", help="the rules and points behind every change")
+    p.add_argument("--json", action="store_true", help="print the replay as JSON")
+    p.add_argument("--database-url", default=None, help="projections database (env LEADLEDGER_DATABASE_URL)")
+    p.add_argument("--rules", action="append", help="rule-set file(s) (default: LEADLEDGER_RULES, as the processor)")
+    p.add_argument("--rules-from-log", action="store_true", help="use the rule sets published on the rules topic")
+    p.add_argument("--bootstrap", default=None, help="Kafka, for --rules-from-log")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    from services.keystore import keystore_url
+    from services.rules_log import load_book
+
+    book = load_book(a.rules, a.rules_from_log, a.bootstrap)
+    engine = sql_schema.make_engine(_db_url(a.database_url))
+    try:
+        out = replay_lead(engine, a.lead.strip(), book, a.as_of, a.explain, keystore_url())
+    finally:
+        engine.dispose()
+    if out is None:
+        print(f"no archived record of lead {a.lead!r}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(_text(out, a.explain))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- forget
+
+def forget(database_url: str, keystore_url: str, lead: str) -> dict:
+    """Destroy every key that sealed PII in ``lead``'s history: the lead's own key, the keys of the anonymous ids
+    joined to it, and any key id found in its archived records. The log and archive are not touched."""
+    from projections import pii
+    from projections.lead_log import RESOLVE_TYPE
+    from services.keystore import Keystore
+
+    engine = sql_schema.make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            records = lead_archive(conn, lead)
+    finally:
+        engine.dispose()
+    anon = sorted({r["envelope"].get("anonymous_id") for r in records
+                   if r["type"] == RESOLVE_TYPE and r["envelope"].get("state")} - {None})
+    key_ids = pii.collect_key_ids(r["envelope"] for r in records)
+    ks = Keystore(keystore_url)
+    try:
+        destroyed = ks.destroy(subjects=[lead, *anon], key_ids=key_ids)
+    finally:
+        ks.close()
+    return {"lead": lead, "keys_destroyed": destroyed, "anonymous_ids": len(anon), "archived_records": len(records)}
+
+
+def forget_main(argv: Optional[list[str]] = None) -> int:
+    """``leadledger forget --lead KEY``: crypto-shred the lead's PII (irreversible)."""
+    p = argparse.ArgumentParser(prog="leadledger forget",
+                                description="erase a lead's PII by destroying its keys (scores and stages stay)")
+    p.add_argument("--lead", required=True)
+    p.add_argument("--database-url", default=None, help="projections database (env LEADLEDGER_DATABASE_URL)")
+    p.add_argument("--keystore-url", default=None, help="PII key store (env LEADLEDGER_KEYSTORE_URL)")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    from services.keystore import keystore_url
+
+    ks = a.keystore_url or keystore_url()
+    if not ks:
+        print("leadledger forget: no key store (set LEADLEDGER_KEYSTORE_URL)", file=sys.stderr)
+        return 2
+    out = forget(_db_url(a.database_url), ks, a.lead.strip())
+    print(f"lead {out['lead']}: {out['keys_destroyed']} key(s) destroyed "
+          f"({out['anonymous_ids']} joined anonymous id(s), {out['archived_records']} archived records untouched)")
+    return 0

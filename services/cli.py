@@ -15,7 +15,9 @@ from typing import Callable
 DELEGATED: dict[str, tuple[str, str]] = {
     "ingest": ("services.ingest:main", "run the ingest HTTP service (pixel, JS snippet, batch API, forms)"),
     "processor": ("services.processor:main", "run the stream processor (identity + lead fold on faust)"),
-    "backtest": ("projections.backtest:main", "fold a rule set over events offline (JSONL file)"),
+    "backtest": ("services.backtest_log:main", "back-test rules over the Kafka log (--from/--to) or a JSONL file (--events)"),
+    "replay": ("services.audit:replay_main", "replay one lead from the archive, as of any instant, explained"),
+    "forget": ("services.audit:forget_main", "erase a lead's PII by destroying its keys (crypto-shredding)"),
     "demo": ("services.demo:main", "send a few journeys through the running stack and show the result"),
     "stack": ("services.stack:main", "set up the local stack and run every service in the foreground"),
     "projector": ("services.projector:main", "project the derived topics into the SQL store"),
@@ -28,6 +30,8 @@ NESTED: dict[tuple[str, str], str] = {
     ("rules", "validate"): "projections.rules:validate_main",
     ("projections", "migrate"): "projections.sql_schema:migrate_main",
     ("projections", "rebuild"): "services.projector:rebuild_main",
+    ("rules", "publish"): "services.rules_log:publish_main",
+    ("audit", "verify"): "services.audit:verify_main",
 }
 
 

@@ -52,6 +52,7 @@ from events.upcast import upcast
 from events.wire import encode, subject_key
 from services import kafka_io
 from services.config import Settings
+from services.keystore import PiiSealer
 
 log = logging.getLogger("leadledger.ingest")
 
@@ -144,6 +145,8 @@ class Ingest:
         self._order_lock = asyncio.Lock()
         self._last_failure = 0.0
         self._last_received = datetime.min.replace(tzinfo=timezone.utc)
+        # PII sealing (issue #7, services/keystore.py): on when LEADLEDGER_KEYSTORE_URL is set
+        self.pii = PiiSealer.from_env()
 
     async def start(self) -> None:
         """Best effort at startup: a broker that is down only makes requests answer 503 until it is back."""
@@ -193,6 +196,11 @@ class Ingest:
         """Stamp, encode and write ``envs``; returns only when the broker acknowledged every one."""
         if not envs:
             return
+        if self.pii is not None:
+            try:
+                await self.pii.seal(envs)  # PII never reaches Kafka in clear
+            except Exception as exc:  # noqa: BLE001 - keystore down: refuse rather than write PII in clear
+                raise Unavailable(f"keystore unavailable: {type(exc).__name__}") from None
         producer = await self.producer()
         topic = self.settings.topics.touchpoints
         known = producer.client.cluster.partitions_for_topic(topic)

@@ -366,6 +366,10 @@ def create_app(database_url: str, tokens: dict[str, str] | None = None) -> FastA
                              "wins": m["reached"].get("won", 0)},
                 "conversion": m["conversion"], "notes": notes}
 
+    from services.audit_api import add_history_route  # GET /v1/leads/{lead}/history (auditors, issue #7)
+
+    add_history_route(app, engine, tokens)
+
     @app.get("/healthz", include_in_schema=False)
     def healthz():
         with engine.connect() as conn:

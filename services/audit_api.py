@@ -1,0 +1,54 @@
+"""``GET /v1/leads/{lead}/history`` for auditors: a lead replayed from the immutable archive (issue #7).
+
+Role ``auditor`` (or ``admin``); other roles get 403. ``as_of`` (RFC 3339) = the state after every record that had
+arrived by then (docs/audit.md); ``explain=true`` adds the rules and points behind every change. PII is revealed
+through the key store (``LEADLEDGER_KEYSTORE_URL``) and reads ``[erased]`` once the lead was forgotten.
+Rules: ``LEADLEDGER_RULES`` (the processor's), loaded once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Optional
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+AUDIT_ROLES = frozenset({"auditor", "admin"})
+
+
+def add_history_route(app: FastAPI, engine, tokens: dict[str, str], book=None,
+                      keystore_url: Optional[str] = None) -> None:
+    from services.audit import replay_lead
+    from services.keystore import keystore_url as env_keystore
+    from services.rules_log import load_book
+
+    bearer = HTTPBearer(auto_error=False)
+    state: dict = {"book": book}
+    ks_url = keystore_url if keystore_url is not None else env_keystore()
+
+    def auditor(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> str:
+        if creds is None or creds.scheme.lower() != "bearer" or creds.credentials not in tokens:
+            raise HTTPException(status_code=401, detail="missing or invalid bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+        role = tokens[creds.credentials]
+        if role not in AUDIT_ROLES:
+            raise HTTPException(status_code=403, detail=f"role {role!r} may not read lead histories (auditor only)")
+        return role
+
+    @app.get("/v1/leads/{lead}/history",
+             summary="auditor: the lead replayed from the immutable archive, as of any instant, explained")
+    def history(lead: str = Path(..., max_length=320), role: str = Depends(auditor),
+                as_of: Optional[datetime] = Query(None, description="RFC 3339: state after every record that had "
+                                                                    "arrived by then"),
+                explain: bool = Query(False, description="the rules and points behind every change")):
+        if as_of is not None and as_of.tzinfo is None:
+            raise HTTPException(status_code=422, detail=[{"loc": ["query", "as_of"], "msg": "an offset is required",
+                                                          "type": "value_error"}])
+        if state["book"] is None:
+            state["book"] = load_book(None)
+        out = replay_lead(engine, lead, state["book"], as_of.astimezone(timezone.utc) if as_of else None, explain,
+                          ks_url)
+        if out is None:
+            raise HTTPException(status_code=404, detail=f"no archived record of lead {lead!r}")
+        return out
