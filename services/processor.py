@@ -156,16 +156,17 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         async with _crash_worker_on_error(app):
             async for batch in stream.take_events(batch_size, within=batch_within):
                 sends: list[tuple[faust.TopicT, bytes, bytes]] = []
+                requests: list[tuple[faust.TopicT, bytes, bytes]] = []
                 touched: dict[bytes, bytes] = {}
                 for ev in batch:
                     progress[ev.message.tp] = ev.message.offset
                     if ev.message.topic != t.touchpoints:  # a join request, keyed by its anonymous id
                         req = orjson.loads(ev.value)
                         akey = req["anonymous_id"].encode()
-                        mapped, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
+                        mapped, upto, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
                         lead_b = req["lead"].encode()
                         if mapped is None:  # the first join wins, forever
-                            touched[akey] = b"L" + lead_b
+                            touched[akey] = _pack_identity(b"L", upto, lead_b)
                         else:
                             anon_state = None
                         sends.append((by_lead, lead_b, lead_log.resolution_record(
@@ -183,14 +184,16 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                         # the lead's own events keep their log order: straight to the lead
                         sends.append((by_lead, lead.encode(), ev.value))
                         if anon is not None:  # decide the join where the anonymous id's table partition lives
-                            sends.append((by_anon, anon.encode(),
+                            requests.append((by_anon, anon.encode(),
                                           orjson.dumps({"anonymous_id": anon, "lead": lead,
                                                         "event_id": rec["event_id"]})))
                         continue
                     akey = anon.encode()
-                    mapped, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
+                    mapped, upto, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
+                    offset = ev.message.offset
                     if mapped is not None:
-                        sends.append((by_lead, mapped.encode(), ev.value))
+                        if offset > upto:  # not redelivered: at or below `upto` it went to the lead in the state
+                            sends.append((by_lead, mapped.encode(), ev.value))
                         continue
                     # still anonymous: fold into the anonymous subject's compact state
                     st = core.LeadState.from_bytes(anon_state) if anon_state else core.LeadState(anon, True)
@@ -198,8 +201,10 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                     for d in derived:
                         if d["type"] == "event_rejected":
                             sends.append((rejected, akey, orjson.dumps(d)))
-                    touched[akey] = b"S" + st.to_bytes()
+                    touched[akey] = _pack_identity(b"S", max(upto, offset), st.to_bytes())
                 await send_all(sends)
+                # a join request only once the event that asks is on the lead's log: the answer must follow it
+                await send_all(requests)
                 for k, v in touched.items():
                     identity[k] = v
                 if touched:
@@ -255,12 +260,20 @@ async def _crash_worker_on_error(app: faust.App) -> AsyncIterator[None]:
         raise
 
 
-def _unpack_identity(raw: bytes | None) -> tuple[str | None, bytes | None]:
+def _pack_identity(kind: bytes, upto: int, body: bytes) -> bytes:
+    """Identity table value: b"S" (still anonymous: its fold state) or b"L" (joined: the lead key), then the
+    `touchpoints` offset of the last anonymous event folded into the state, then the body."""
+    return kind + upto.to_bytes(8, "big", signed=True) + body
+
+
+def _unpack_identity(raw: bytes | None) -> tuple[str | None, int, bytes | None]:
+    """(lead or None, offset of the last event folded into the anonymous state, that state or None)."""
     if not raw:
-        return None, None
+        return None, -1, None
+    upto = int.from_bytes(raw[1:9], "big", signed=True)
     if raw[:1] == b"L":
-        return raw[1:].decode(), None
-    return None, raw[1:]
+        return raw[9:].decode(), upto, None
+    return None, upto, raw[9:]
 
 
 def _rejected_raw(value: bytes | None, reason: str) -> bytes:
