@@ -304,8 +304,11 @@ def create_app(database_url: str, tokens: dict[str, str] | None = None) -> FastA
         date_to: Optional[date] = Query(None, alias="to", description="first touch on or before (UTC date)"),
     ):
         _check_range(date_from, date_to)
+        from services.alerts_store import sla_section  # issue #8: hand-off -> first sales touch SLA
+
         with engine.connect() as conn:
             groups = _funnel_rows(conn, group_by, date_from, date_to)
+            sla = sla_section(conn, group_by, date_from, date_to)
         out = []
         for g in sorted(groups, key=lambda x: (x is None, str(x))):
             m = funnel_metrics(groups[g])
@@ -314,7 +317,7 @@ def create_app(database_url: str, tokens: dict[str, str] | None = None) -> FastA
         if not out and group_by is None:
             out.append({"group": None, **{k: v for k, v in funnel_metrics([]).items() if k != "reached"}})
         return {"group_by": group_by, "from": date_from, "to": date_to,
-                "stage_path": list(FUNNEL_PATH), "groups": out}
+                "stage_path": list(FUNNEL_PATH), "groups": out, "sla": sla}
 
     @app.get("/v1/forecast", summary="MQLs and SQLs needed now to win N deals in D days, from measured rates")
     def forecast(
