@@ -135,6 +135,9 @@ class LogFold:
         self._folded(lead, s.lead, before, rec["event_id"])
 
     def _touchpoint(self, lead: str, s: lead_log.LeadLogState, rec: dict) -> None:
+        eid = rec.get("event_id")
+        if eid in s.lead.seen or eid in s.lead.seen_old:
+            return  # a repeated event: nothing to fold, nothing to wait for (as lead_log)
         if s.pending is not None:
             s.pending[2].append(rec)
             return

@@ -147,3 +147,29 @@ def test_cli_replay_text_and_json(archived, capsys) -> None:
     assert audit.verify_main(["--database-url", archived["url"], "--json"]) == 0
     report = orjson.loads(capsys.readouterr().out)
     assert report["ok"] and report["records"] == len({r["event_id"] for r in archived["log"]})  # duplicates once
+
+
+def test_backtest_fold_mirrors_the_lead_log_fold(archived) -> None:
+    """services.backtest_log.LogFold (no derived events, join states rebuilt from the anonymous events) ends in
+    the same states and MQL hand-offs as projections.lead_log.apply over the same lead-keyed log."""
+    from services.backtest_log import LogFold
+
+    anon: dict[str, list[dict]] = {}
+    for ev in archived["events"]:
+        lead, aid = subject_of(ev)
+        if lead is None:
+            anon.setdefault(aid, []).append(ev)
+    lf = LogFold(BOOK, anon)
+    states: dict[str, lead_log.LeadLogState] = {}
+    handoffs = set()
+    for r in archived["log"]:
+        rec = {k: v for k, v in r.items() if k != "lead"}
+        states[r["lead"]], derived = lead_log.apply(states.get(r["lead"]), r["lead"], rec, BOOK)
+        handoffs |= {(d["lead"], d["episode"], d["at"], d["cause_event_id"]) for d in derived
+                     if d["type"] == "lead_handed_off"}
+        lf.apply(r["lead"], rec)
+    assert {k: s.lead.to_bytes() for k, s in states.items()} == {k: s.lead.to_bytes() for k, s in lf.states.items()}
+    from projections.fold import iso_from_epoch
+
+    assert {(a, b, iso_from_epoch(c), d) for a, b, c, d in lf.mqls} == handoffs and handoffs
+    assert lf.short_joins == 0
