@@ -80,6 +80,8 @@ class AlertsConfig:
     sse_tail: int = 5000
     links_base: str = "http://127.0.0.1:8081"
     offsets_every_s: float = 1.0
+    keystore_url: Optional[str] = None    # PII sealed at ingest (issue #7) is revealed on the way out
+    keystore_cache_s: float = 30.0
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
 
     @property
@@ -104,6 +106,8 @@ class AlertsConfig:
             sla_wall_clock=_flag("LEADLEDGER_SLA_WALL_CLOCK"),
             heartbeat_s=float(_env("LEADLEDGER_SSE_HEARTBEAT_S", "15")),
             links_base=_env("LEADLEDGER_QUERY_PUBLIC_URL", query_base),
+            keystore_url=os.environ.get("LEADLEDGER_KEYSTORE_URL") or None,
+            keystore_cache_s=float(_env("LEADLEDGER_KEYSTORE_CACHE_S", "30")),
             webhook=WebhookConfig(
                 max_attempts=int(_env("LEADLEDGER_WEBHOOK_MAX_ATTEMPTS", "8")),
                 backoff_base_s=float(_env("LEADLEDGER_WEBHOOK_BACKOFF_BASE_S", "1")),
@@ -131,6 +135,57 @@ class Metrics:
                                buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
 
 
+# ---------------------------------------------------------------------------------------------- PII
+
+class Revealer:
+    """Opens PII sealed at ingest (``projections.pii``) in alert payloads on their way out — stream, listing,
+    webhook bodies — never in the stored log: the ``alerts`` table keeps ciphertext, so destroying a person's key
+    (``leadledger forget``) erases the values from every alert at once (they then read ``[erased]``)."""
+
+    PREFIX = "pii:v1:"
+
+    def __init__(self, url: Optional[str], cache_s: float = 30.0) -> None:
+        self.url = url
+        self.cache_s = cache_s
+        self._ks = None
+        self._keys: dict[str, tuple[float, Optional[bytes]]] = {}
+
+    async def texts(self, payloads: list[str]) -> list[str]:
+        if self.url is None or not any(self.PREFIX in p for p in payloads):
+            return payloads
+        from projections import pii
+
+        objs = {i: orjson.loads(p) for i, p in enumerate(payloads) if self.PREFIX in p}
+        ids = pii.collect_key_ids(objs.values())
+        now = time.monotonic()
+        need = [k for k in ids if k not in self._keys or now - self._keys[k][0] > self.cache_s]
+        if need:
+            got = await asyncio.to_thread(self._lookup, need)
+            for k in need:
+                if k in got:
+                    self._keys[k] = (now, got[k])
+                else:
+                    self._keys.pop(k, None)
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+        keys = {k: self._keys[k][1] for k in ids if k in self._keys}
+        out = list(payloads)
+        for i, o in objs.items():
+            out[i] = orjson.dumps(pii.reveal(o, keys)).decode()
+        return out
+
+    def _lookup(self, ids: list[str]) -> dict[str, Optional[bytes]]:
+        if self._ks is None:
+            from services.keystore import Keystore
+
+            self._ks = Keystore(self.url)
+        return self._ks.keys(ids)
+
+    def close(self) -> None:
+        if self._ks is not None:
+            self._ks.close()
+
+
 # ---------------------------------------------------------------------------------------------- SSE hub
 
 @dataclass(frozen=True)
@@ -156,8 +211,8 @@ class AlertRow:
             return False
         return True
 
-    def sse(self) -> str:
-        return f"id: {self.id}\nevent: {self.kind}\ndata: {self.payload}\n\n"
+    def sse(self, payload: Optional[str] = None) -> str:
+        return f"id: {self.id}\nevent: {self.kind}\ndata: {payload or self.payload}\n\n"
 
 
 class Hub:
@@ -611,6 +666,7 @@ def create_app(cfg: Optional[AlertsConfig] = None, tokens: Optional[dict[str, st
     metrics = Metrics(registry)
     engine = store.engine_for(cfg.database_url)
     hub = Hub(engine, maxlen=cfg.sse_tail, poll_s=cfg.sse_poll_s)
+    revealer = Revealer(cfg.keystore_url, cfg.keystore_cache_s)
     state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
@@ -619,7 +675,8 @@ def create_app(cfg: Optional[AlertsConfig] = None, tokens: Optional[dict[str, st
         await hub.start()
         dispatcher = None
         if deliver:
-            dispatcher = Dispatcher(engine, cfg.webhook, on_result=lambda r: metrics.webhooks.labels(r).inc())
+            dispatcher = Dispatcher(engine, cfg.webhook, on_result=lambda r: metrics.webhooks.labels(r).inc(),
+                                    prepare=revealer.texts)
             dispatcher.start()
         state["dispatcher"] = dispatcher
         pipeline = None
@@ -643,6 +700,7 @@ def create_app(cfg: Optional[AlertsConfig] = None, tokens: Optional[dict[str, st
             if dispatcher is not None:
                 await dispatcher.stop()
             await hub.stop()
+            revealer.close()
             engine.dispose()
 
     app = FastAPI(title="leadledger alerts", version="1.0", lifespan=lifespan,
@@ -705,7 +763,8 @@ def create_app(cfg: Optional[AlertsConfig] = None, tokens: Optional[dict[str, st
                 while True:
                     rows, pos = await hub.read(pos, kinds, owner, min_score)
                     if rows:
-                        yield "".join(r.sse() for r in rows)
+                        texts = await revealer.texts([r.payload for r in rows])
+                        yield "".join(r.sse(t) for r, t in zip(rows, texts))
                         continue
                     if not await hub.wait_beyond(pos, heartbeat):
                         yield f": heartbeat {int(time.time())}\n\n"
@@ -726,7 +785,8 @@ def create_app(cfg: Optional[AlertsConfig] = None, tokens: Optional[dict[str, st
     ):
         kinds = _kinds_param(kind)
         rows = await db(store.alerts_after, after, limit, sorted(kinds) if kinds else None, owner, min_score)
-        return {"items": [{"id": r.id, **orjson.loads(r.payload)} for r in rows],
+        texts = await revealer.texts([r.payload for r in rows])
+        return {"items": [{"id": r.id, **orjson.loads(t)} for r, t in zip(rows, texts)],
                 "last_id": rows[-1].id if rows else after}
 
     # -- webhooks

@@ -33,7 +33,7 @@ BOARD_HTML = r"""<!doctype html>
   .alert { background:var(--card); border-radius:8px; padding:10px 14px; box-shadow:0 1px 2px rgba(0,0,0,.08);
            display:grid; grid-template-columns: 1fr auto; gap:4px 16px; border-left:5px solid #2e90fa; }
   .alert.kind-intent { border-left-color:var(--amber); }
-  .alert.kind-sla_breached { border-left-color:var(--red); }
+  .alert.kind-sla_breached, .alert.breached { border-left-color:var(--red); }
   .who { font-weight:600; font-size:15px; }
   .company, .meta, .since { color:var(--mute); font-size:12px; }
   .badge { display:inline-block; font-size:11px; padding:1px 6px; border-radius:8px; background:#eaecf0; margin-right:6px; }
@@ -52,7 +52,7 @@ BOARD_HTML = r"""<!doctype html>
 </head>
 <body>
 <header>
-  <h1>🔥 Hot leads</h1>
+  <h1>Hot leads</h1>
   <label>kinds <select id="f-kind">
     <option value="">all</option><option value="handoff">hand-offs</option><option value="intent">intent</option>
     <option value="handoff,sla_breached,sla_met">hand-offs + SLA</option></select></label>

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import httpx
 import sqlalchemy as sa
@@ -149,7 +149,19 @@ class Lane:
 
     async def _attempt(self, row) -> None:
         cfg = self.d.cfg
-        body = row.payload.encode() if isinstance(row.payload, str) else row.payload
+        payload = row.payload
+        if self.d.prepare is not None:
+            try:
+                payload = (await self.d.prepare([payload]))[0]
+            except Exception:  # noqa: BLE001 - e.g. the keystore is down: retry later, never send ciphertext
+                log.warning("webhook delivery %s: could not prepare the body; retrying", row.id)
+                await self.d.db(store.record_attempts, [dict(
+                    id=row.id, status="pending", attempts=row.attempts, last_status=None,
+                    next_attempt_at=store.utcnow() + timedelta(seconds=cfg.poll_s),
+                    last_error="could not reveal PII (keystore unavailable)")])
+                self.inflight.discard(row.id)
+                return
+        body = payload.encode()
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.sub["secret"], body),
                    DELIVERY_HEADER: row.id, EVENT_HEADER: row.kind, ALERT_HEADER: row.alert_event_id}
         attempts = row.attempts + 1
@@ -200,7 +212,8 @@ class Dispatcher:
     """Runs one :class:`Lane` per active subscription; reloads subscriptions every ``poll_s``."""
 
     def __init__(self, engine: sa.Engine, cfg: WebhookConfig, rng: random.Random | None = None,
-                 on_result: Optional[Callable[[str], None]] = None) -> None:
+                 on_result: Optional[Callable[[str], None]] = None,
+                 prepare: Optional[Callable[[list[str]], Awaitable[list[str]]]] = None) -> None:
         self.engine = engine
         self.cfg = cfg
         self.rng = rng or random.Random()
@@ -209,6 +222,7 @@ class Dispatcher:
         self._reload = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhooks-db")
         self._on_result = on_result
+        self.prepare = prepare
 
     def count(self, result: str) -> None:
         if self._on_result:

@@ -263,3 +263,31 @@ def handoff_event(lead: str, at: datetime, score: float = 60.0, episode: int = 1
 
 def minutes(n: float) -> timedelta:
     return timedelta(minutes=n)
+
+
+# ---------------------------------------------------------------------------------------------- browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium_executable() -> str:
+    """Debian's chromium (installed here, as deploy/setup.sh installs the other system packages, when missing)."""
+    import os
+    import subprocess
+
+    import pytest
+
+    if not os.path.exists(CHROMIUM):
+        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
+                    ["apt-get", "install", "-y", "-q", "chromium"]):
+            if os.path.exists(CHROMIUM):
+                break
+            subprocess.run(sudo + cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                           timeout=900)
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian chromium is not installed and could not be installed (apt-get install chromium)")
+    return CHROMIUM

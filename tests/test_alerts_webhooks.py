@@ -135,8 +135,8 @@ async def test_retries_with_backoff_on_500_and_timeout(kafka_bootstrap: str, uni
             assert verify(sub["secret"], r.body, r.headers["x-leadledger-signature"])
         t = [r.t for r in rec.requests]
         # retry 1 after the 500: delay in [base/2, base]; retry 2 after the 0.5 s time-out: delay in [base, 2*base]
-        assert 0.1 <= t[1] - t[0] < 2.0
-        assert 0.5 + 0.2 <= t[2] - t[1] < 3.0
+        assert 0.1 <= t[1] - t[0] < 5.0
+        assert 0.5 + 0.2 <= t[2] - t[1] < 6.0
 
 
 async def test_dead_letter_with_reason_then_redrive_from_cli(kafka_bootstrap: str, unique: str, sqlite_db: str,
@@ -181,9 +181,9 @@ async def test_dead_letter_with_reason_then_redrive_from_cli(kafka_bootstrap: st
 async def test_dead_and_slow_receivers_do_not_delay_a_healthy_one(kafka_bootstrap: str, unique: str,
                                                                   sqlite_db: str) -> None:
     cfg = config_for(kafka_bootstrap, unique, sqlite_db)
-    cfg = replace(cfg, webhook=replace(cfg.webhook, timeout_s=2.0, max_attempts=3))
+    cfg = replace(cfg, webhook=replace(cfg.webhook, timeout_s=10.0, max_attempts=3))
     healthy = Receiver()
-    slow = Receiver(behaviour=lambda n: (200, 5.0))  # always answers after the time-out
+    slow = Receiver(behaviour=lambda n: (200, 30.0))  # hangs: every attempt runs into the 10 s time-out
     dead, keep = dead_url()
     n = 20
     try:
@@ -198,8 +198,51 @@ async def test_dead_and_slow_receivers_do_not_delay_a_healthy_one(kafka_bootstra
                     await feed.handoff(f"lead{i}-{unique}@example.jp", T0)
             await wait_for(lambda: len(healthy.requests) >= n, timeout=20, what="all deliveries at the healthy one")
             took = max(r.t for r in healthy.requests) - t0
-            # the slow lane needs >= 2 s per wave of 4 requests, the dead one retries: neither holds the healthy up
-            assert took < 2.0, took
-            assert len(slow.requests) < n
+            # behind a shared queue the first delivery alone would wait for a 10 s time-out (and 20 alerts for
+            # five waves of them); with one lane per subscription the healthy receiver is not held up at all
+            assert took < 8.0, took
+            assert len(slow.requests) <= cfg.webhook.concurrency  # the slow lane is still stuck in its first wave
     finally:
         keep.close()
+
+
+async def test_pii_sealed_at_ingest_is_revealed_on_the_way_out_only(kafka_bootstrap: str, unique: str,
+                                                                   sqlite_db: str, tmp_path) -> None:
+    from projections import pii
+    from services.keystore import Keystore
+    from tests.alerts_support import handoff_event
+
+    ks_url = f"sqlite:///{tmp_path / 'keys.db'}"
+    cfg = replace(config_for(kafka_bootstrap, unique, sqlite_db), keystore_url=ks_url, keystore_cache_s=0)
+    lead = f"dana-{unique}@example.jp"
+    ks = Keystore(ks_url)
+    kid, key = ks.key_for(lead)
+    h = handoff_event(lead, T0)
+    h["attributes"] = {**h["attributes"], **{k: pii.seal(h["attributes"][k], kid, key) for k in pii.PII_ATTRIBUTES}}
+    rec = Receiver()
+    try:
+        async with serve(rec) as rurl, alerts_service(cfg) as (base, _app), \
+                httpx.AsyncClient(base_url=base, headers=AUTH) as c:
+            sub = await _subscribe(c, rurl + "/hook")
+            async with Feed(kafka_bootstrap, cfg.topics) as feed:
+                await feed.send(cfg.topics.handoffs, lead, h)
+            await wait_for(lambda: rec.requests, timeout=20, what="the delivery")
+            body = orjson.loads(rec.requests[0].body)
+            assert body["attributes"]["name"] == f"Name of {lead}" and body["attributes"]["phone"] == "+81-3-0000-0000"
+            assert verify(sub["secret"], rec.requests[0].body, rec.requests[0].headers["x-leadledger-signature"])
+            [item] = (await c.get("/v1/alerts")).json()["items"]
+            assert item["attributes"]["name"] == f"Name of {lead}"
+            import sqlalchemy as sa
+
+            from services import alerts_store as store
+
+            engine = store.engine_for(sqlite_db)
+            with engine.connect() as conn:
+                stored = conn.execute(sa.select(store.alerts.c.payload)).scalar()
+            engine.dispose()
+            assert "Name of" not in stored and "+81-3" not in stored and pii.PREFIX in stored  # ciphertext at rest
+            ks.destroy(subjects=[lead])  # leadledger forget
+            [item] = (await c.get("/v1/alerts")).json()["items"]
+            assert item["attributes"]["name"] == pii.ERASED and item["attributes"]["company"] == "ACME KK"
+    finally:
+        ks.close()
