@@ -192,6 +192,8 @@ def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook]) -> dict:
         anon: dict[str, list[dict]] = {}
 
         def on_touchpoint(m) -> None:
+            if b'"anonymous_id":null' in m.value:  # the wire format of events without a cookie: not anonymous
+                return
             ev = orjson.loads(m.value)
             if not ev.get("email") and not ev.get("lead_id") and ev.get("anonymous_id"):
                 ev = upcast(ev)

@@ -362,3 +362,29 @@ async def test_forget_erases_pii_everywhere_and_nothing_else(run) -> None:
         assert r.json()["replayed"] == 0 and r.json()["state"]["stage"] is None
         assert c.get("/v1/leads/nobody@x.example/history", headers={"Authorization": "Bearer t-audit"}) \
             .status_code == 404
+
+
+async def test_rules_publish_is_idempotent_and_versions_are_immutable(kafka_bootstrap, unique, tmp_path,
+                                                                      capsys) -> None:
+    from services.rules_log import publish_main, read_rule_events
+
+    topic = f"rules-{unique}"
+    rules = default_rules_paths()[0]
+    args = ["--bootstrap", kafka_bootstrap, "--topic", topic]
+    assert await asyncio.to_thread(publish_main, [rules, *args]) == 0
+    assert "published 1 rule set(s): 2026-11-default" in capsys.readouterr().out
+    assert await asyncio.to_thread(publish_main, [rules, *args]) == 0
+    assert "already on the log" in capsys.readouterr().out
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(Path(rules).read_text().replace("min_fit: 20", "min_fit: 25"))
+    assert await asyncio.to_thread(publish_main, [str(changed), *args]) == 1
+    assert "immutable" in capsys.readouterr().err
+    spring = tmp_path / "spring.yaml"
+    spring.write_text(Path(rules).read_text().replace('version: "2026-11-default"', 'version: "2026-spring"')
+                      .replace('effective_from: "2026-01-01T00:00:00Z"', 'effective_from: "2026-04-01T00:00:00Z"'))
+    assert await asyncio.to_thread(publish_main, [str(spring), *args]) == 0
+    evs = await read_rule_events(kafka_bootstrap, topic)
+    assert [e["version"] for e in evs] == ["2026-11-default", "2026-spring"]
+    book = await book_from_log(kafka_bootstrap, topic)
+    assert book.in_force("2026-03-01T00:00:00Z").version == "2026-11-default"
+    assert book.in_force("2026-05-01T00:00:00Z").version == "2026-spring"

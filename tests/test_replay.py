@@ -173,3 +173,18 @@ def test_backtest_fold_mirrors_the_lead_log_fold(archived) -> None:
 
     assert {(a, b, iso_from_epoch(c), d) for a, b, c, d in lf.mqls} == handoffs and handoffs
     assert lf.short_joins == 0
+
+
+def test_cli_backtest_events_form_is_unchanged(tmp_path, capsys) -> None:
+    """`leadledger backtest --events FILE` still runs the offline fold, byte for byte."""
+    from projections import backtest
+    from services import cli
+
+    events = generate(500, 30, seed=2)
+    p = tmp_path / "h.jsonl"
+    p.write_bytes(b"\n".join(orjson.dumps(e) for e in events) + b"\n")
+    rules = default_rules_paths()[0]
+    assert backtest.main(["--rules", rules, "--events", str(p)]) == 0
+    direct = capsys.readouterr().out
+    assert cli.main(["backtest", "--rules", rules, "--events", str(p)]) == 0
+    assert capsys.readouterr().out == direct and direct.count("\n") > 20

@@ -1,0 +1,115 @@
+"""Back-test throughput over the Kafka log (issue #7): events of history per second, beside a raw aiokafka read.
+
+    python -m bench.bench_backtest_log [--events 200000] [--leads 10000] [--jobs 1,2]
+
+Generates a history (bench.gen_history), writes it to fresh ``touchpoints`` topics and the lead-keyed log the
+identity stage would write for it (``tests.test_replay.lead_keyed_log``: join resolutions included) to a fresh
+``touchpoints-by-lead``, then times on the same broker in the same run:
+
+1. a raw aiokafka consumer reading both topics (``getmany`` batches, no decoding): the floor;
+2. the back-test's fold of both topics under one book (baseline only);
+3. the full back-test: baseline + candidate books, ``--jobs 1`` (one process) and ``--jobs 2`` (a process per book).
+
+Throughput = touchpoints in the history / wall seconds (CPU seconds of the fold shown beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.gen_history import generate  # noqa: E402
+from projections.fold import normalise_email  # noqa: E402
+from projections.rules import RuleBook, parse_rule_sets  # noqa: E402
+from services.backtest_log import fold_books, read_log  # noqa: E402
+from services.config import Topics  # noqa: E402
+from services.kafka_io import ensure_topics, make_producer  # noqa: E402
+from tests.test_replay import lead_keyed_log  # noqa: E402
+
+DEFAULT = ROOT / "deploy" / "rules" / "default.yaml"
+
+
+async def produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]]) -> None:
+    p = make_producer(bootstrap, linger_ms=20)
+    await p.start()
+    try:
+        futs = []
+        for k, v in items:
+            futs.append(await p.send(topic, v, key=k))
+            if len(futs) >= 20000:
+                await asyncio.gather(*futs)
+                futs = []
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--leads", type=int, default=10_000)
+    ap.add_argument("--bootstrap", default="127.0.0.1:9092")
+    ap.add_argument("--partitions", type=int, default=12)
+    ap.add_argument("--jobs", default="1,2")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    events = generate(a.events, a.leads, seed=5)
+    for e in events:
+        e["email"] = normalise_email(e["email"])
+    log = lead_keyed_log(events)
+    print(f"generated {len(events):,} touchpoints and {len(log):,} lead-log records in {time.perf_counter() - t0:.0f}s")
+    u = uuid.uuid4().hex[:8]
+    topics = Topics(touchpoints=f"bench-tp-{u}", by_lead=f"bench-bylead-{u}")
+
+    async def setup() -> None:
+        await ensure_topics(a.bootstrap, [topics.touchpoints, topics.by_lead], a.partitions)
+        await produce(a.bootstrap, topics.touchpoints,
+                      [((e["lead_id"] or e["email"] or e["anonymous_id"]).encode(), orjson.dumps(e)) for e in events])
+        await produce(a.bootstrap, topics.by_lead,
+                      [(r["lead"].encode(), orjson.dumps({k: v for k, v in r.items() if k != "lead"})) for r in log])
+
+    t0 = time.perf_counter()
+    asyncio.run(setup())
+    print(f"produced to {topics.touchpoints} / {topics.by_lead} in {time.perf_counter() - t0:.0f}s")
+    n = len(events)
+
+    async def raw() -> int:
+        count = [0]
+
+        def on(m) -> None:
+            count[0] += 1
+        await read_log(a.bootstrap, topics.touchpoints, on)
+        await read_log(a.bootstrap, topics.by_lead, on)
+        return count[0]
+
+    t0 = time.perf_counter()
+    msgs = asyncio.run(raw())
+    dt = time.perf_counter() - t0
+    print(f"raw aiokafka read of both topics:     {msgs:,} messages in {dt:.2f}s = {n / dt:,.0f} history events/s")
+    base = RuleBook.from_paths([DEFAULT])
+    loose = RuleBook(parse_rule_sets(DEFAULT.read_text().replace('version: "2026-11-default"', 'version: "loose"')
+                                     .replace("min_engagement: 40", "min_engagement: 25")))
+    runs = [("back-test fold, one book:", [base], 1)]
+    for j in (int(x) for x in a.jobs.split(",") if x):
+        runs.append((f"back-test, two books, --jobs {j}:", [base, loose], j))
+    for label, books, jobs in runs:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fold_books(a.bootstrap, topics, books, jobs)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        mq = [len(m) for m in out["mqls"]]
+        print(f"{label:<38} {n / dt:>10,.0f} history events/s  ({dt:.2f}s wall, {cpu:.2f}s CPU in this process; "
+              f"MQLs {mq})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
