@@ -110,7 +110,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
             await app.producer.flush()
 
     progress: dict[Any, int] = {}  # last offset handed to an agent, per input partition
-    stall_after = float(os.environ.get("LEADLEDGER_STALL_SECONDS", "30"))
+    stall_after = float(os.environ.get("LEADLEDGER_STALL_SECONDS", "60"))
     watched = {t.touchpoints, by_anon_name, t.by_lead}
     stalled_since: dict[Any, tuple[int, float]] = {}
 
@@ -125,19 +125,19 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
             return
         now = asyncio.get_running_loop().time()
         for tp in consumer.assignment():
-            if tp.topic not in watched:
-                continue
+            if tp.topic not in watched or tp not in progress:
+                continue  # only partitions this process has been handed records of
             hw = consumer.highwater(tp)
-            read = consumer._read_offset.get(tp)  # fetch position: the committed offset after a seek, then reads
-            if hw is None or read is None or hw - 1 <= max(read, progress.get(tp, -1)):
+            seen = progress[tp]
+            if hw is None or hw - 1 <= seen:
                 stalled_since.pop(tp, None)
                 continue
-            first = stalled_since.setdefault(tp, (read, now))
-            if first[0] != read:
-                stalled_since[tp] = (read, now)
+            first = stalled_since.setdefault(tp, (seen, now))
+            if first[0] != seen:
+                stalled_since[tp] = (seen, now)
             elif now - first[1] >= stall_after:
-                log.error("partition %s/%s has not advanced for %.0fs with a backlog (read %s, highwater %s): "
-                          "stopping the worker so it restarts", tp.topic, tp.partition, now - first[1], read, hw)
+                log.error("partition %s/%s has not advanced for %.0fs with a backlog (at %s, highwater %s): "
+                          "stopping the worker so it restarts", tp.topic, tp.partition, now - first[1], seen, hw)
                 await app.crash(RuntimeError(f"stalled partition {tp}"))
                 return
 

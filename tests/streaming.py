@@ -55,8 +55,8 @@ class Worker:
     def start(self) -> None:
         self._log_mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = {**os.environ, **self.env, **self.extra, "LEADLEDGER_KAFKA_BOOTSTRAP": self.bootstrap,
-               "LEADLEDGER_SESSION_TIMEOUT": "6", "LEADLEDGER_HEARTBEAT_INTERVAL": "1",
-               "LEADLEDGER_STALL_SECONDS": "8"}
+               "LEADLEDGER_SESSION_TIMEOUT": "8", "LEADLEDGER_HEARTBEAT_INTERVAL": "1",
+               "LEADLEDGER_STALL_SECONDS": "30"}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "processor", "--loglevel",
                                       os.environ.get("LEADLEDGER_TEST_WORKER_LOGLEVEL", "warn")],

