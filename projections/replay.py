@@ -77,23 +77,28 @@ def _explain(st: Optional[lead_log.LeadLogState], book: RuleBook) -> dict:
     return core.explain(st.lead, book.by_version.get(st.lead.version))
 
 
-def _why(before: dict, after: dict, exp_before: dict, exp_after: dict) -> dict:
-    """The rules and points behind one step's change of score."""
+def _why(before: dict, after: dict, exp_before: dict, exp_after: dict, factor: float) -> dict:
+    """The rules and points behind one step's change of score. ``factor``: how much the engagement known before
+    the step decayed by the step's evaluation time (1.0 when time did not move or the rule set switched):
+    ``decay`` is that loss over every rule; a rule that counted events in this step shows what they added."""
     fb = {(f["rule"], f["attribute"]): f["points"] for f in exp_before["fit"]}
     fa = {(f["rule"], f["attribute"]): f["points"] for f in exp_after["fit"]}
     eb = {e["rule"]: e for e in exp_before["engagement"]}
     matched, decay = [], 0.0
+    for e in exp_before["engagement"]:
+        decay += e["contribution"] * factor - e["contribution"]
     for e in exp_after["engagement"]:
         old = eb.get(e["rule"], {"events": 0, "contribution": 0.0})
-        delta = e["contribution"] - old["contribution"]
+        delta = e["contribution"] - old["contribution"] * factor
         if e["events"] != old["events"]:
             matched.append({"rule": e["rule"], "points": e["points"], "events": e["events"] - old["events"],
                             "contribution": delta})
         else:
-            decay += delta
+            decay += delta  # no event of this rule counted here: what is left is decay (or a displaced entry)
     for r, e in eb.items():  # a rule that no longer counts (rule set switched, capped entry displaced)
         if r not in {x["rule"] for x in exp_after["engagement"]}:
-            matched.append({"rule": r, "points": e["points"], "events": -e["events"], "contribution": -e["contribution"]})
+            matched.append({"rule": r, "points": e["points"], "events": -e["events"],
+                            "contribution": -e["contribution"] * factor})
     return {
         "fit_rules_added": [{"rule": r, "attribute": a, "points": p} for (r, a), p in fa.items() if (r, a) not in fb],
         "fit_rules_removed": [{"rule": r, "attribute": a, "points": p} for (r, a), p in fb.items() if (r, a) not in fa],
@@ -115,6 +120,7 @@ def replay(lead: str, records: Sequence[dict], book: RuleBook, as_of: Any = None
         if not is_res:
             env = upcast(env)
         before = _scores(st)
+        t_before = st.lead.t if st is not None else None
         pend = st.pending if st is not None else None
         st, derived = lead_log.apply(st, lead, env, book)
         after = _scores(st)
@@ -141,7 +147,12 @@ def replay(lead: str, records: Sequence[dict], book: RuleBook, as_of: Any = None
                            for d in derived if d["type"] in _DERIVED_KEEP]
         if explain:
             exp_now = _explain(st, book)
-            step["why"] = _why(before, after, exp_prev, exp_now)
+            factor = 1.0
+            rs = book.by_version.get(after["rules_version"]) if after["rules_version"] is not None else None
+            if rs is not None and before["rules_version"] == after["rules_version"] and t_before is not None \
+                    and st.lead.t is not None and st.lead.t != t_before:
+                factor = 2.0 ** ((t_before - st.lead.t) / rs.h_s)
+            step["why"] = _why(before, after, exp_prev, exp_now, factor)
             exp_prev = exp_now
         steps.append(step)
     state = _final(lead, st, book)
