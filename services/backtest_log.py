@@ -16,7 +16,9 @@ the live computation record for record, so the baseline's MQLs are the live MQLs
 history with only the rules changed.
 
 Baseline = the rule sets published on the ``rules`` topic (``leadledger rules publish``; "in force at t" = latest
-``effective_from ≤ t``), or ``--baseline-rules FILE`` for logs without published rules. Candidate = ``--rules``
+``effective_from ≤ t``), or ``--baseline-rules FILE`` for logs without published rules, or ``--baseline-live``: the
+hand-offs the live processor emitted (``lead-handoffs``), which equal the re-fold under the rules in force (tested)
+and cost no second fold. Candidate = ``--rules``
 files as written; ``--always`` makes the earliest candidate rule set in force from the beginning of time.
 
 Output: a JSON summary on stdout — MQL hand-offs per ISO week (Monday) in [--from, --to) before/after, and per
@@ -302,16 +304,35 @@ def always(sets: list[RuleSet]) -> list[RuleSet]:
     return [r.model_copy(update={"effective_from": _EPOCH0}) if r is first else r for r in sets]
 
 
-def run(bootstrap: str, topics: Topics, candidate: RuleBook, baseline: RuleBook, t1: Optional[datetime],
+async def live_mqls(bootstrap: str, topic: str) -> list[tuple[str, int, float, str]]:
+    """The hand-offs the live processor actually emitted (deduped by id), as fold_log reports MQLs."""
+    from services.derived_reader import read_topic
+
+    out = []
+    for h in await read_topic(bootstrap, topic):
+        if h.get("type") == "lead_handed_off":
+            out.append((h["lead"], int(h["episode"]), core.parse_ts(h["at"]), h.get("cause_event_id") or ""))
+    return out
+
+
+def run(bootstrap: str, topics: Topics, candidate: RuleBook, baseline: Optional[RuleBook], t1: Optional[datetime],
         t2: Optional[datetime], jobs: int = 1) -> dict:
+    """Back-test ``candidate`` against ``baseline`` (None: the live hand-offs on the lead-handoffs topic)."""
     t0 = time.perf_counter()
-    folded = fold_books(bootstrap, topics, [baseline, candidate], jobs)
-    out = compare(folded["mqls"][0], folded["mqls"][1], t1.timestamp() if t1 else None,
-                  t2.timestamp() if t2 else None)
+    if baseline is None:
+        folded = fold_books(bootstrap, topics, [candidate], 1)
+        base = asyncio.run(live_mqls(bootstrap, topics.handoffs))
+        cand = folded["mqls"][0]
+        folded["short_joins"] = [None, *folded["short_joins"]]
+    else:
+        folded = fold_books(bootstrap, topics, [baseline, candidate], jobs)
+        base, cand = folded["mqls"]
+    out = compare(base, cand, t1.timestamp() if t1 else None, t2.timestamp() if t2 else None)
     dt = time.perf_counter() - t0
     n = folded["touchpoints"]
     out.update(window={"from": t1.isoformat() if t1 else None, "to": t2.isoformat() if t2 else None},
-               baseline={"rules_versions": [r.version for r in baseline.sets]},
+               baseline={"rules_versions": [r.version for r in baseline.sets]} if baseline is not None
+               else {"live_handoffs": topics.handoffs},
                candidate={"rules_versions": [r.version for r in candidate.sets]},
                log={"touchpoints": n, "lead_log_records": folded["records"], "leads": folded["leads"],
                     "joins_short_of_events": folded["short_joins"]},
@@ -340,6 +361,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--to", dest="t2", type=_time, help="window end (exclusive)")
     p.add_argument("--baseline-rules", action="append", metavar="FILE",
                    help="baseline rule sets (default: those published on the rules topic)")
+    p.add_argument("--baseline-live", action="store_true",
+                   help="baseline = the hand-offs the live processor emitted (lead-handoffs topic) instead of a "
+                        "re-fold under the published rules: one fold instead of two")
     p.add_argument("--always", action="store_true", help="the candidate applies from the beginning of time")
     p.add_argument("--csv", metavar="FILE", help="write the leads whose MQL changed")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("LEADLEDGER_BACKTEST_JOBS", "1")),
@@ -351,7 +375,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cand_sets = [rs for f in a.rules for rs in load_rule_sets(f)]
         candidate = RuleBook(always(cand_sets) if a.always else cand_sets)
-        if a.baseline_rules:
+        baseline: Optional[RuleBook]
+        if a.baseline_live:
+            baseline = None
+        elif a.baseline_rules:
             baseline = RuleBook.from_paths(a.baseline_rules)
         else:
             from services.rules_log import book_from_log

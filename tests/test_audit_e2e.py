@@ -270,6 +270,11 @@ async def test_backtest_of_rules_in_force_reproduces_live_mqls(run, tmp_path: Pa
     weeks = summary["weeks"]
     assert sum(w["baseline"] for w in weeks) == summary["mqls"]["baseline"]
     assert all(w["start"] >= "2026-01-26" for w in weeks)
+    # the live hand-offs as baseline give the same comparison (they are what the re-fold reproduces)
+    live_base = await asyncio.to_thread(backtest_log.run, bootstrap, cfg.topics, RuleBook.from_paths([str(loose)]),
+                                        None, datetime(2026, 2, 1, tzinfo=timezone.utc),
+                                        datetime(2026, 12, 31, tzinfo=timezone.utc))
+    assert live_base["leads"] == ch and live_base["weeks"] == weeks
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == ch["earlier"] + ch["new"] == summary["csv"]["rows"]
