@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what leadledger needs on a fresh Debian machine: Java + Maven (to fetch and run Kafka),
-# PostgreSQL 15, a Python venv with the pinned dependencies. Idempotent; sourced by demo.sh and test.sh.
+# PostgreSQL 15, Chromium (browser test of the hot-lead board), a Python venv with the pinned dependencies. Idempotent; sourced by demo.sh and test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -9,6 +9,7 @@ need_apt=()
 command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
 command -v mvn  >/dev/null 2>&1 || need_apt+=(maven)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)   # the hot-lead board's browser test (driven by playwright)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   echo "[setup] apt-get install ${need_apt[*]}"
