@@ -101,6 +101,41 @@ def reveal(obj, keystore_url: Optional[str]):
     return pii.reveal(obj, keys)
 
 
+def _reveal_replay(out: dict, records: list[dict], keystore_url: Optional[str]) -> dict:
+    """Open the sealed values of a replay where they can be (payloads, joined anonymous attributes, the state's
+    attributes and email) — not by walking the whole report, which is large for long histories."""
+    from projections import pii
+
+    ids: set[str] = set()
+    for r in records:
+        env = r["envelope"]
+        ids |= pii.key_ids(env.get("payload"))
+        st = env.get("state")
+        if st:
+            ids |= pii.key_ids(st.get("at"))
+    if not ids:
+        return out
+    keys: dict = {}
+    if keystore_url:
+        from services.keystore import Keystore
+
+        ks = Keystore(keystore_url)
+        try:
+            keys = ks.keys(ids)
+        finally:
+            ks.close()
+    for step in out["steps"]:
+        if "payload" in step:
+            step["payload"] = pii.reveal(step["payload"], keys)
+        if "join" in step:
+            step["join"]["anonymous_attributes"] = pii.reveal(step["join"]["anonymous_attributes"], keys)
+    st = out["state"]
+    st["attributes"] = pii.reveal(st["attributes"], keys)
+    if "email" in st:
+        st["email"] = pii.reveal(st["email"], keys)
+    return out
+
+
 def replay_lead(engine: sa.Engine, lead: str, book, as_of=None, explain: bool = False,
                 keystore_url: Optional[str] = None) -> Optional[dict]:
     """Replay ``lead`` from the archive (None when the archive has no record of it)."""
@@ -110,7 +145,7 @@ def replay_lead(engine: sa.Engine, lead: str, book, as_of=None, explain: bool = 
         records = lead_archive(conn, lead)
     if not records:
         return None
-    return reveal(replay(lead, records, book, as_of=as_of, explain=explain), keystore_url)
+    return _reveal_replay(replay(lead, records, book, as_of=as_of, explain=explain), records, keystore_url)
 
 
 def _parse_time(s: str):
