@@ -47,7 +47,7 @@ from services import alerts_store as store
 from services.config import Settings, Topics
 from services.derived_reader import topic_partitions
 from services.kafka_io import ensure_topics
-from services.webhooks import Dispatcher, WebhookConfig
+from services.webhooks import Dispatcher, Fresh, WebhookConfig
 
 log = logging.getLogger("leadledger.alerts")
 
@@ -371,6 +371,8 @@ class Pipeline:
         self.stop_event = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alerts-writer")
         self._has_leads: Optional[bool] = None
+        self.subs: Optional[list[dict]] = None  # active subscriptions, re-read at most every webhook poll_s
+        self.subs_at = 0.0
         t = cfg.topics
         self.alert_topics = (t.handoffs, t.intent_alerts)
         self.context_topics = (t.by_lead, t.scores, t.stages)
@@ -503,53 +505,60 @@ class Pipeline:
                 self.metrics.alerts.labels(r.kind).inc()
             self.hub.publish(rows)
         if subs and self.dispatcher is not None:
-            self.dispatcher.notify(subs)
+            self.dispatcher.push(subs)
 
     # -- the transaction (runs in the writer thread while the loop awaits it: the cache is not mutated meanwhile)
 
-    def _write(self, conn: sa.Connection, plan: _Plan) -> tuple[list[AlertRow], set[str]]:
+    def _write(self, conn: sa.Connection, plan: _Plan) -> tuple[list[AlertRow], dict[str, list[Fresh]]]:
         cfg = self.cfg
         now = store.utcnow()
         rows: list[AlertRow] = []
-        notified: set[str] = set()
-        subs: list[dict] = []
-        if plan.has_work():
-            store.lock_writers(conn)
-            subs = store.list_subscriptions(conn, True)
+        notified: dict[str, list[Fresh]] = {}
         deliveries: list[dict] = []
+        if plan.has_work():
+            store.lock_writers(conn)  # ids commit in id order (SSE resume) even if a second writer runs by mistake
+            if self.subs is None or time.monotonic() - self.subs_at > self.cfg.webhook.poll_s:
+                self.subs = store.list_subscriptions(conn, True)
+                self.subs_at = time.monotonic()
 
-        def add(payload: dict, owner: Optional[str], score: Optional[float]) -> Optional[AlertRow]:
-            body = orjson.dumps(payload).decode()
-            at = datetime.fromisoformat(payload["at"])
-            aid = store.insert_alert(conn, payload["alert_id"], payload["kind"], payload["lead"], owner, score, at,
-                                     body, now)
-            if aid is None:
-                return None
-            row = AlertRow(aid, payload["alert_id"], payload["kind"], payload["lead"], owner, score, body)
-            rows.append(row)
-            for s in subs:
-                if _subscription_wants(s, row.kind, owner, score):
-                    deliveries.append(dict(id=core.delivery_id(s["id"], row.event_id), subscription_id=s["id"],
-                                           alert_id=aid, alert_event_id=row.event_id, status="pending", attempts=0,
-                                           next_attempt_at=now, created_at=now, updated_at=now))
-                    notified.add(s["id"])
-            return row
+        def add(payloads: list[dict]) -> None:
+            """Insert alerts (one statement) and fan each new one out to the matching subscriptions."""
+            recs = []
+            for p in payloads:
+                score = (p.get("score") or {}).get("after")
+                recs.append(dict(event_id=p["alert_id"], kind=p["kind"], lead=p["lead"], owner=p.get("owner"),
+                                 score=score, at=datetime.fromisoformat(p["at"]), payload=orjson.dumps(p).decode(),
+                                 created_at=now))
+            ids = store.insert_alerts(conn, recs)
+            new = sorted(((ids[r["event_id"]], r) for r in recs if r["event_id"] in ids), key=lambda x: x[0])
+            for aid, r in new:
+                row = AlertRow(aid, r["event_id"], r["kind"], r["lead"], r["owner"], r["score"], r["payload"])
+                rows.append(row)
+                for s in self.subs or ():
+                    if _subscription_wants(s, row.kind, row.owner, row.score):
+                        did = core.delivery_id(s["id"], row.event_id)
+                        deliveries.append(dict(id=did, subscription_id=s["id"], alert_id=aid,
+                                               alert_event_id=row.event_id, status="pending", attempts=0,
+                                               next_attempt_at=now, created_at=now, updated_at=now))
+                        notified.setdefault(s["id"], []).append(Fresh(did, aid, row.event_id, row.kind, row.payload))
 
         handoff_payloads: dict[str, dict] = {}
+        first: list[dict] = []
         for h in plan.handoffs:
             p = core.handoff_alert(h, self.cache.get(h["lead"]), cfg.sla_minutes, cfg.links_base)
             handoff_payloads[h["event_id"]] = p
-            add(p, p["owner"], p["score"]["after"])
+            first.append(p)
         for a in plan.intents:
             info = self.cache.get(a["lead"])
             fallback = None
             if info is None or not info.attrs:
                 fallback = self._lead_row(conn, a["lead"])
-            p = core.intent_alert(a, info, cfg.links_base, fallback)
-            add(p, p["owner"], p["score"]["after"])
+            first.append(core.intent_alert(a, info, cfg.links_base, fallback))
+        add(first)
         store.insert_sla(conn, [dict(handoff_event_id=e.handoff_id, lead=e.lead, episode=e.episode,
                                      sla_minutes=e.minutes, handoff_at=_dt(e.handoff_at), due_at=_dt(e.due_at),
                                      status="open") for e in plan.new_episodes])
+        decided: list[dict] = []
         for e in plan.decisions:
             touch = _dt(e.touch_at) if e.touch_at is not None else None
             secs = e.touch_at - e.handoff_at if e.touch_at is not None else None
@@ -562,8 +571,8 @@ class Pipeline:
                 raw = store.handoff_payload(conn, e.handoff_id)
                 hp = orjson.loads(raw) if raw else {}
             kind = "sla_breached" if e.status == "breached" else "sla_met"
-            p = core.sla_alert(kind, hp, e, self.cache.get(e.lead), cfg.links_base)
-            add(p, p["owner"], (p.get("score") or {}).get("after"))
+            decided.append(core.sla_alert(kind, hp, e, self.cache.get(e.lead), cfg.links_base))
+        add(decided)
         store.insert_deliveries(conn, deliveries)
         store.store_offsets(conn, cfg.group, plan.offsets)
         return rows, notified
@@ -795,6 +804,9 @@ def create_app(cfg: Optional[AlertsConfig] = None, tokens: Optional[dict[str, st
         d = state.get("dispatcher")
         if d is not None:
             d.reload()
+        p = state.get("pipeline")
+        if p is not None:
+            p.subs = None  # the next alert transaction fans out to the changed subscriptions
 
     @app.post("/v1/webhooks", status_code=201, summary="subscribe a URL to alerts (the secret is shown once)")
     async def create_webhook(body: SubscriptionIn, role: str = Depends(sales)):
@@ -955,5 +967,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = AlertsConfig.from_env()
     cfg = replace(cfg, settings=replace(cfg.settings, database_url=a.database_url))
     app = create_app(cfg, consume=not a.no_consume, deliver=not a.no_webhooks)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    # no access log: query strings (owner filters) may carry personal names
+    uvicorn.run(app, host=a.host, port=a.port, log_level="info", access_log=False)
     return 0

@@ -161,6 +161,18 @@ def insert_alert(conn: sa.Connection, event_id: str, kind: str, lead: str, owner
     return conn.execute(stmt).scalar()
 
 
+def insert_alerts(conn: sa.Connection, rows: list[dict]) -> dict[str, int]:
+    """Insert alerts in one statement (rows: event_id, kind, lead, owner, score, at, payload, created_at);
+    returns {event_id: id} of the new ones (an alert that existed — a redelivered derived event — is left out)."""
+    seen: set[str] = set()
+    rows = [r for r in rows if not (r["event_id"] in seen or seen.add(r["event_id"]))]
+    if not rows:
+        return {}
+    stmt = _insert(conn, alerts).values(rows).on_conflict_do_nothing(index_elements=["event_id"]) \
+        .returning(alerts.c.event_id, alerts.c.id)
+    return {e: i for e, i in conn.execute(stmt)}
+
+
 ALERT_COLS = (alerts.c.id, alerts.c.event_id, alerts.c.kind, alerts.c.lead, alerts.c.owner, alerts.c.score,
               alerts.c.payload)
 

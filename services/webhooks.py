@@ -24,6 +24,7 @@ import hmac
 import logging
 import random
 import time
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -84,8 +85,23 @@ class WebhookConfig:
     batch: int = 100
 
 
+@dataclass(frozen=True)
+class Fresh:
+    """A delivery committed a moment ago, handed to its lane in memory (no database round trip on the hot path;
+    retries, redrives and deliveries of other processes come from the table)."""
+
+    id: str
+    alert_id: int
+    alert_event_id: str
+    kind: str
+    payload: str
+    attempts: int = 0
+
+
 class Lane:
     """The deliveries of one subscription."""
+
+    RECENT = 10_000
 
     def __init__(self, dispatcher: "Dispatcher", sub: dict) -> None:
         self.d = dispatcher
@@ -97,7 +113,22 @@ class Lane:
                                                             max_keepalive_connections=dispatcher.cfg.concurrency),
                                         headers={"User-Agent": "leadledger-webhooks/1"})
         self.inflight: set[str] = set()
+        self.fresh: deque[Fresh] = deque()
+        self.recent: OrderedDict[str, None] = OrderedDict()  # ids attempted lately (a fresh copy is then stale)
         self.sem = asyncio.Semaphore(dispatcher.cfg.concurrency)
+
+    def push(self, rows: list[Fresh]) -> None:
+        self.fresh.extend(rows)
+        self.wake.set()
+
+    def _launch(self, row, pending: set) -> None:
+        self.inflight.add(row.id)
+        self.recent[row.id] = None
+        if len(self.recent) > self.RECENT:
+            self.recent.popitem(last=False)
+        t = asyncio.create_task(self._attempt(row))
+        pending.add(t)
+        t.add_done_callback(pending.discard)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.run(), name=f"webhook-lane-{self.sub['id']}")
@@ -117,16 +148,20 @@ class Lane:
         while True:
             try:
                 self.wake.clear()  # before looking: a notification from now on is never lost
+                while self.fresh and len(self.inflight) < cfg.concurrency:
+                    row = self.fresh.popleft()
+                    if row.id not in self.inflight and row.id not in self.recent:
+                        self._launch(row, pending)
                 free = cfg.concurrency - len(self.inflight)
                 rows = []
                 if free > 0:
                     rows = await self.d.db(store.due_deliveries, self.sub["id"], store.utcnow(),
                                            min(cfg.batch, free), tuple(self.inflight))
                 for row in rows:
-                    self.inflight.add(row.id)
-                    t = asyncio.create_task(self._attempt(row))
-                    pending.add(t)
-                    t.add_done_callback(pending.discard)
+                    if row.id not in self.inflight:
+                        self._launch(row, pending)
+                if self.fresh and len(self.inflight) < cfg.concurrency:
+                    continue
                 if free <= 0 or len(rows) == free:
                     delay = cfg.poll_s  # every slot busy: an attempt that finishes wakes us
                 else:
@@ -245,6 +280,13 @@ class Dispatcher:
             lane = self.lanes.get(s)
             if lane is not None:
                 lane.wake.set()
+
+    def push(self, fresh: dict[str, list[Fresh]]) -> None:
+        """Deliveries just committed, per subscription (a lane not started yet finds them in the table)."""
+        for sid, rows in fresh.items():
+            lane = self.lanes.get(sid)
+            if lane is not None:
+                lane.push(rows)
 
     async def _sync(self) -> None:
         subs = {s["id"]: s for s in await self.db(store.list_subscriptions, True)}

@@ -36,8 +36,7 @@ async def test_resume_after_disconnects_has_no_gap_and_no_duplicate(kafka_bootst
             async def produce() -> None:
                 for i in range(n):
                     await feed.handoff(f"l{i:03d}-{unique}@example.jp", T0 + minutes(i), score=50 + i)
-                    if i % 5 == 4:
-                        await asyncio.sleep(0.05)  # a steady trickle, so disconnects fall between alerts
+                    await asyncio.sleep(0.03)  # pacing: a steady trickle, so disconnects fall between alerts
 
             got: list[SseEvent] = []
             first: list[SseEvent] = []
@@ -51,7 +50,7 @@ async def test_resume_after_disconnects_has_no_gap_and_no_duplicate(kafka_bootst
                 headers = {"Last-Event-ID": last} if last else {}
                 params = "" if last else "?backlog=100"
                 await asyncio.wait_for(sse_events(c, "/v1/alerts/stream" + params, headers, batch,
-                                                  stop=lambda: len(batch) >= 7 or len(got) + len(batch) >= n), 30)
+                                                  stop=lambda: len(batch) >= 3 or len(got) + len(batch) >= n), 30)
                 got.extend(batch)
                 if batch:
                     last = batch[-1].id
@@ -64,7 +63,7 @@ async def test_resume_after_disconnects_has_no_gap_and_no_duplicate(kafka_bootst
         log = (await c.get("/v1/alerts", params={"limit": 1000})).json()["items"]
         assert [str(i["id"]) for i in log] == [e.id for e in got]  # no gap: the stream is the log
         assert all(e.event == "handoff" == e.data["kind"] for e in got)
-        assert reconnects >= n // 7
+        assert reconnects >= 3  # (a chunk may carry several alerts, so not exactly n / 3)
 
         # a late reader resuming from the very start reads the whole log once, in order
         everything: list[SseEvent] = []
