@@ -235,3 +235,69 @@ def verify_rows(rows: Iterable[dict]) -> tuple[int, int, list[Problem]]:
     if buf:
         problems.extend(verify_lead(cur, buf))  # type: ignore[arg-type]
     return n, leads, problems
+
+
+# ---------------------------------------------------------------------------------------------------- the log as anchor
+
+RESOLVE_TYPE = "_join_resolved"
+
+
+def rows_from_log(records: Iterable[tuple[str, dict]]) -> dict[str, list[dict]]:
+    """The archive rows, chained, that the projector writes for the lead-keyed log ``(key, record)`` in log
+    order (each record as on the topic): the reference against which ``compare_with_log`` checks an archive."""
+    seen: set[str] = set()
+    out: dict[str, list[dict]] = {}
+    times: dict[str, tuple] = {}
+    for key, rec in records:
+        aid = archive_id(rec["event_id"])
+        if aid in seen:
+            continue  # the archive keeps the first copy of an id
+        seen.add(aid)
+        rows = out.setdefault(key, [])
+        if rec.get("type") == RESOLVE_TYPE:
+            occ, ra = times.get(rec.get("request_id"), (None, None))
+            if occ is None and rows:
+                occ, ra = rows[-1]["occurred_at"], rows[-1]["received_at"]
+            if occ is None:
+                occ = "1970-01-01T00:00:00+00:00"
+        else:
+            occ, ra = rec["occurred_at"], rec.get("received_at")
+            times[rec["event_id"]] = (occ, ra)
+        row = {"event_id": aid, "lead": key, "seq": len(rows) + 1, "type": rec["type"], "occurred_at": _ts(occ),
+               "received_at": _ts(ra), "source": rec.get("source"), "campaign": rec.get("campaign"),
+               "envelope": {k: v for k, v in rec.items() if k != "lead"}}
+        link(row, (rows[-1]["hash"], rows[-1]["event_id"]) if rows else None)
+        rows.append(row)
+    return out
+
+
+def _content(row: dict) -> bytes:
+    return canonical_bytes({**row, "prev_event_id": None})
+
+
+def compare_with_log(lead: str, expected: Sequence[dict], archived: Sequence[dict]) -> list[Problem]:
+    """An archived chain against the one the log implies. Catches what the chain alone cannot: deleted latest
+    records, and alterations whose chain was recomputed to the end. Differences that follow from an earlier one
+    (shifted positions, hashes after an altered record) are not reported again."""
+    by_id = {r["event_id"]: r for r in archived}
+    problems: list[Problem] = []
+    explained = False
+    for e in expected:
+        a = by_id.pop(e["event_id"], None)
+        if a is None:
+            problems.append(Problem(lead, e["seq"], "missing", e["event_id"], "in the log, not in the archive"))
+            explained = True
+        elif _content(a) != _content(e):
+            problems.append(Problem(lead, a["seq"], "altered", e["event_id"], "differs from the log"))
+            explained = True
+        elif not explained and a["seq"] != e["seq"]:
+            problems.append(Problem(lead, a["seq"], "reordered", e["event_id"],
+                                    f"log position {e['seq']}, stored at seq {a['seq']}"))
+            explained = True
+        elif not explained and (a.get("hash") != e["hash"] or a.get("prev_hash") != e["prev_hash"]):
+            problems.append(Problem(lead, a["seq"], "altered", e["event_id"],
+                                    "chain differs from the log's from here (hashes recomputed)"))
+            explained = True
+    for a in sorted(by_id.values(), key=lambda r: r["seq"]):
+        problems.append(Problem(lead, a["seq"], "inserted", a["event_id"], "in the archive, not in the log"))
+    return problems

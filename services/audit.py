@@ -53,14 +53,80 @@ def verify(database_url: str, lead: Optional[str] = None) -> tuple[int, int, lis
         engine.dispose()
 
 
+def verify_against_log(database_url: str, bootstrap: str, topic: str, group: str,
+                       lead: Optional[str] = None) -> tuple[int, list[Problem]]:
+    """Compare the archive with the chain the lead-keyed log implies, up to the projector's stored progress
+    (``projector_offsets`` of ``group``): catches deleted latest records and fully re-hashed alterations."""
+    import asyncio
+
+    from aiokafka import TopicPartition
+
+    from projections.audit_chain import compare_with_log, rows_from_log
+    from projections.sql_writer import load_offsets
+    from services.backtest_log import end_offsets, read_log
+
+    engine = sql_schema.make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            stored = load_offsets(conn, group)
+        ends = asyncio.run(end_offsets(bootstrap, topic))
+        bound = {tp: min(n, stored.get((tp.topic, tp.partition), 0)) for tp, n in ends.items()}
+        records: list[tuple[str, dict]] = []
+
+        def on(m) -> None:
+            key = m.key.decode()
+            if lead is None or key == lead:
+                records.append((key, orjson.loads(m.value)))
+
+        if any(bound.values()):
+            asyncio.run(read_log(bootstrap, topic, on, {TopicPartition(tp.topic, tp.partition): n
+                                                        for tp, n in bound.items()}))
+        expected = rows_from_log(records)
+        problems: list[Problem] = []
+        with engine.connect() as conn:
+            cur: Optional[str] = None
+            buf: list[dict] = []
+            done: set[str] = set()
+            for r in archive_rows(conn, lead):
+                if r["lead"] != cur:
+                    if cur is not None:
+                        problems.extend(compare_with_log(cur, expected.get(cur, []), buf))
+                        done.add(cur)
+                    cur, buf = r["lead"], []
+                buf.append(r)
+            if cur is not None:
+                problems.extend(compare_with_log(cur, expected.get(cur, []), buf))
+                done.add(cur)
+        for k in sorted(set(expected) - done):
+            problems.extend(compare_with_log(k, expected[k], []))
+        return len(records), problems
+    finally:
+        engine.dispose()
+
+
 def verify_main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="leadledger audit verify",
                                 description="verify the hash chain of every lead's archived touchpoints")
     p.add_argument("--database-url", default=None, help="projections database (env LEADLEDGER_DATABASE_URL)")
     p.add_argument("--lead", help="verify one lead only")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--against-log", action="store_true",
+                   help="also compare with the lead-keyed Kafka log up to the projector's stored progress (catches "
+                        "deleted latest records and re-hashed chains)")
+    p.add_argument("--bootstrap", default=None, help="Kafka, for --against-log (env LEADLEDGER_KAFKA_BOOTSTRAP)")
+    p.add_argument("--group", default=os.environ.get("LEADLEDGER_PROJECTOR_GROUP", "leadledger-projector"),
+                   help="the projector group whose stored offsets bound the comparison")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     n, leads, problems = verify(_db_url(a.database_url), a.lead)
+    if a.against_log:
+        from services.config import Settings
+
+        s = Settings()
+        _n, more = verify_against_log(_db_url(a.database_url), a.bootstrap or s.bootstrap, s.topics.by_lead,
+                                      a.group, a.lead)
+        seen = {(x.lead, x.seq, x.kind) for x in problems}
+        problems = sorted([*problems, *(x for x in more if (x.lead, x.seq, x.kind) not in seen)],
+                          key=lambda x: (x.lead, x.seq, x.kind))
     if a.json:
         print(orjson.dumps({"records": n, "leads": leads, "ok": not problems,
                             "problems": [x.as_dict() for x in problems]}).decode())

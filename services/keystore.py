@@ -48,13 +48,19 @@ def keystore_url() -> Optional[str]:
 class Keystore:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
-        ks_metadata.create_all(self.engine, checkfirst=True)
+        self._ready = False  # the table is created on first use: a key store that is down fails requests, not startup
+
+    def _ensure(self) -> None:
+        if not self._ready:
+            ks_metadata.create_all(self.engine, checkfirst=True)
+            self._ready = True
 
     def close(self) -> None:
         self.engine.dispose()
 
     def key_for(self, subject: str) -> tuple[str, bytes]:
         k = pii_keys
+        self._ensure()
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(k.c.key_id, k.c.key).where(k.c.subject == subject)).first()
             if row is not None:
@@ -72,6 +78,7 @@ class Keystore:
 
     def keys(self, key_ids: Iterable[str]) -> dict[str, Optional[bytes]]:
         ids = sorted(set(key_ids))
+        self._ensure()
         out: dict[str, Optional[bytes]] = {}
         k = pii_keys
         with self.engine.connect() as conn:
@@ -83,6 +90,7 @@ class Keystore:
     def destroy(self, subjects: Iterable[str] = (), key_ids: Iterable[str] = ()) -> int:
         """Destroy the keys of ``subjects`` and the keys ``key_ids``; returns how many live keys were destroyed."""
         subjects, key_ids = sorted(set(subjects)), sorted(set(key_ids))
+        self._ensure()
         k = pii_keys
         conds = []
         if subjects:

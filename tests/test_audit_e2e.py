@@ -182,6 +182,7 @@ async def run(kafka_bootstrap, pg_dsn, tmp_path_factory) -> Any:
     engine = sql_schema.make_engine(db_url)
     try:
         yield {"cfg": cfg, "db": db_url, "engine": engine, "book": book, "as_of": as_of, "at_t": at_t,
+               "group": f"proj-{unique}",
                "final": final, "keystore": keystore_url, "rules_topic": rules_topic, "aiko": aiko,
                "ben": batch[5]["email"], "events": events, "tmp": tmp}
     finally:
@@ -393,3 +394,34 @@ async def test_rules_publish_is_idempotent_and_versions_are_immutable(kafka_boot
     book = await book_from_log(kafka_bootstrap, topic)
     assert book.in_force("2026-03-01T00:00:00Z").version == "2026-11-default"
     assert book.in_force("2026-05-01T00:00:00Z").version == "2026-spring"
+
+
+async def test_verify_against_the_log_catches_what_the_chain_cannot(run) -> None:
+    """Deleting a lead's latest record, or altering one and recomputing the chain to its end, leaves a valid
+    chain; the lead-keyed log (up to the projector's stored progress) is the anchor that catches both.
+    Runs last: it tampers with the shared archive."""
+    from projections.audit_chain import link
+
+    db, cfg = run["db"], run["cfg"]
+    n, problems = await asyncio.to_thread(audit.verify_against_log, db, cfg.bootstrap, cfg.topics.by_lead,
+                                          run["group"])
+    assert problems == [] and n > N_EVENTS * 0.5
+    a = sql_schema.touchpoint_archive
+    with run["engine"].begin() as conn:
+        la, lb = conn.execute(sa.select(a.c.lead).group_by(a.c.lead).having(sa.func.count() >= 5)
+                              .order_by(a.c.lead).limit(2)).scalars().all()
+        rows_a = [dict(r) for r in conn.execute(sa.select(a).where(a.c.lead == la).order_by(a.c.seq)).mappings()]
+        rows_b = [dict(r) for r in conn.execute(sa.select(a).where(a.c.lead == lb).order_by(a.c.seq)).mappings()]
+        conn.execute(a.delete().where(a.c.event_id == rows_a[-1]["event_id"]))
+        rows_b[1]["source"] = "forged"
+        prev = (rows_b[0]["hash"], rows_b[0]["event_id"])
+        for r in rows_b[1:]:
+            link(r, prev)
+            prev = (r["hash"], r["event_id"])
+            conn.execute(a.update().where(a.c.event_id == r["event_id"])
+                         .values(source=r["source"], prev_hash=r["prev_hash"], hash=r["hash"]))
+    assert (await asyncio.to_thread(audit.verify, db))[2] == []  # the chain alone sees nothing
+    _n, problems = await asyncio.to_thread(audit.verify_against_log, db, cfg.bootstrap, cfg.topics.by_lead,
+                                           run["group"])
+    assert [(p.kind, p.lead, p.seq, p.event_id) for p in problems] == [
+        ("missing", la, rows_a[-1]["seq"], rows_a[-1]["event_id"]), ("altered", lb, 2, rows_b[1]["event_id"])]
