@@ -187,10 +187,12 @@ def _is_anonymous_only(ev: dict) -> bool:
     return core.subject_of(ev)[0] is None and bool(ev.get("anonymous_id"))
 
 
-def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook]) -> dict:
-    """Fold the log under each book; returns ``{"mqls": [[...] per book], "events", "records", ...}``."""
+def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], shard: int = 0, shards: int = 1) -> dict:
+    """Fold the log under each book; returns ``{"mqls": [[...] per book], "touchpoints", "records", ...}``.
+    With ``shards > 1`` only the lead-keyed partitions ``p % shards == shard`` are folded (leads are independent)."""
     async def run() -> dict:
-        by_lead_end = await end_offsets(bootstrap, topics.by_lead)
+        ends = await end_offsets(bootstrap, topics.by_lead)
+        by_lead_end = {tp: (n if tp.partition % shards == shard else 0) for tp, n in ends.items()}
         anon: dict[str, list[dict]] = {}
 
         def on_touchpoint(m) -> None:
@@ -213,27 +215,36 @@ def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook]) -> dict:
             for f in folds:
                 f.apply(lead, rec)
 
-        n_lead = await read_log(bootstrap, topics.by_lead, on_record, by_lead_end)
+        n_lead = await read_log(bootstrap, topics.by_lead, on_record, by_lead_end) if any(by_lead_end.values()) \
+            else 0
         return {"touchpoints": n_tp, "records": n_lead, "mqls": [f.mqls for f in folds],
                 "leads": len(folds[0].states) if folds else 0, "short_joins": [f.short_joins for f in folds]}
 
     return asyncio.run(run())
 
 
-def _fold_one(bootstrap: str, topics: dict, sets: list[dict]) -> dict:
-    """Worker entry (a process per book): rule sets travel as JSON."""
-    return fold_log(bootstrap, Topics(**topics), [RuleBook([RuleSet.model_validate(s) for s in sets])])
+def _fold_shard(bootstrap: str, topics: dict, books: list[list[dict]], shard: int, shards: int) -> dict:
+    """Worker entry (a process per shard of the lead-keyed partitions): rule sets travel as JSON."""
+    return fold_log(bootstrap, Topics(**topics), [RuleBook([RuleSet.model_validate(s) for s in b]) for b in books],
+                    shard, shards)
 
 
 def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int = 1) -> dict:
-    if jobs <= 1 or len(books) < 2:
+    """``fold_log`` in ``jobs`` processes, each folding every book over a shard of the lead-keyed partitions (each
+    also reads the whole touchpoints log for the anonymous events of joins). Results are merged in shard order."""
+    if jobs <= 1:
         return fold_log(bootstrap, topics, books)
+    import multiprocessing
+
     docs = [[rs.model.model_dump(mode="json", by_alias=True, exclude_none=True) for rs in b.sets] for b in books]
     tdict = {k: getattr(topics, k) for k in Topics.__dataclass_fields__}
-    with ProcessPoolExecutor(max_workers=min(jobs, len(books))) as ex:
-        parts = list(ex.map(_fold_one, [bootstrap] * len(books), [tdict] * len(books), docs))
-    return {"touchpoints": parts[0]["touchpoints"], "records": parts[0]["records"], "leads": parts[0]["leads"],
-            "mqls": [p["mqls"][0] for p in parts], "short_joins": [p["short_joins"][0] for p in parts]}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        parts = list(ex.map(_fold_shard, [bootstrap] * jobs, [tdict] * jobs, [docs] * jobs, range(jobs),
+                            [jobs] * jobs))
+    return {"touchpoints": parts[0]["touchpoints"], "records": sum(p["records"] for p in parts),
+            "leads": sum(p["leads"] for p in parts),
+            "mqls": [[m for p in parts for m in p["mqls"][i]] for i in range(len(books))],
+            "short_joins": [sum(p["short_joins"][i] for p in parts) for i in range(len(books))]}
 
 
 # ---------------------------------------------------------------------------------------------------- comparison
@@ -320,7 +331,7 @@ def run(bootstrap: str, topics: Topics, candidate: RuleBook, baseline: Optional[
     """Back-test ``candidate`` against ``baseline`` (None: the live hand-offs on the lead-handoffs topic)."""
     t0 = time.perf_counter()
     if baseline is None:
-        folded = fold_books(bootstrap, topics, [candidate], 1)
+        folded = fold_books(bootstrap, topics, [candidate], jobs)
         base = asyncio.run(live_mqls(bootstrap, topics.handoffs))
         cand = folded["mqls"][0]
         folded["short_joins"] = [None, *folded["short_joins"]]
@@ -367,7 +378,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--always", action="store_true", help="the candidate applies from the beginning of time")
     p.add_argument("--csv", metavar="FILE", help="write the leads whose MQL changed")
     p.add_argument("--jobs", type=int, default=int(os.environ.get("LEADLEDGER_BACKTEST_JOBS", "1")),
-                   help="fold baseline and candidate in parallel processes (2 = one per book)")
+                   help="processes, each folding a shard of the lead-keyed partitions (env LEADLEDGER_BACKTEST_JOBS)")
     p.add_argument("--bootstrap", default=None, help="Kafka (env LEADLEDGER_KAFKA_BOOTSTRAP)")
     a = p.parse_args(argv)
     s = Settings()

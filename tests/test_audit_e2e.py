@@ -240,6 +240,10 @@ async def test_backtest_of_rules_in_force_reproduces_live_mqls(run, tmp_path: Pa
     got = {(lead, ep, backtest_log._iso(at), cause) for lead, ep, at, cause in folded["mqls"][0]}
     assert got == live
     assert folded["short_joins"] == [0]
+    # sharded over the lead-keyed partitions in two processes: the same MQLs
+    sharded = await asyncio.to_thread(backtest_log.fold_books, bootstrap, cfg.topics, [baseline], 2)
+    assert sorted(sharded["mqls"][0]) == sorted(folded["mqls"][0])
+    assert sharded["records"] == folded["records"] and sharded["leads"] == folded["leads"]
 
     # a looser candidate over a window: MQLs only earlier or new, never later or lost; CSV of the differences
     loose = tmp_path / "loose.yaml"
