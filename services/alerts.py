@@ -758,6 +758,9 @@ def create_app(cfg: Optional[AlertsConfig] = None, tokens: Optional[dict[str, st
                 raise HTTPException(status_code=422, detail=[{"loc": ["header", "Last-Event-ID"],
                                                               "msg": "must be a non-negative integer alert id",
                                                               "type": "value_error"}]) from None
+            top = await db(store.max_alert_id)
+            if after > top:  # an id this log never issued (e.g. a restored database): continue from its end
+                after = top
         elif backlog:
             after = await db(store.backlog_start, backlog, sorted(kinds) if kinds else None, owner, min_score)
         else:
