@@ -5,10 +5,11 @@ the lead's previous record; the first record of a lead has ``prev_hash = GENESIS
 and ``hash = sha256(prev_hash || "\\n" || canonical bytes of the record)``. The projector writes them in the same
 transaction as the row (``projections.sql_writer``).
 
-Canonical bytes: a small canonical JSON of ``event_id, lead, type, occurred_at, received_at, source, campaign,
-envelope, prev_event_id`` — keys sorted, no whitespace, timestamps as UTC ISO text with microseconds, every number
-written as its normalised decimal (so ``5``, ``5.0`` and PostgreSQL's JSONB rendering of ``1e20`` hash alike: the
-hash survives the database's own number normalisation). ``seq`` is not hashed: a record's position is protected
+Canonical bytes: a canonical JSON of ``event_id, lead, type, occurred_at, received_at, source, campaign,
+envelope, prev_event_id`` — keys sorted, no whitespace, timestamps as UTC ISO text with microseconds, integral
+numbers below 10**21 as integer digits and every other number as its normalised decimal (so ``5``, ``5.0`` and
+PostgreSQL's JSONB rendering of ``1e20`` or ``1e300`` hash alike: the hash survives the database's own number
+normalisation). ``seq`` is not hashed: a record's position is protected
 by the chain itself, which is what lets verification tell a *reordered* record from an *altered* one.
 
 ``verify_lead(rows)`` reports, per record:
@@ -46,50 +47,46 @@ def archive_id(event_id: str) -> str:
 
 
 def _num(x: Any) -> str:
+    """A number's canonical text: integral values below 10**21 as plain integer digits, others as a normalised
+    decimal. The same for an int and an equal float, and for a value and PostgreSQL's JSONB rendering of it."""
     if isinstance(x, float):
         if x != x or x in (float("inf"), float("-inf")):
             raise ValueError("non-finite number in an archived record")
+        if x.is_integer() and abs(x) < 1e21:
+            return str(int(x))
         d = Decimal(repr(x))
     else:
+        if abs(x) < 10 ** 21:
+            return str(x)
         d = Decimal(x)
-    if d == 0:
-        return "0"
     return str(d.normalize())
 
 
-def _canon(v: Any, out: list) -> None:
-    if v is None:
-        out.append("null")
-    elif v is True:
-        out.append("true")
-    elif v is False:
-        out.append("false")
-    elif isinstance(v, str):
-        out.append(orjson.dumps(v).decode())
-    elif isinstance(v, (int, float)):
-        out.append(_num(v))
-    elif isinstance(v, dict):
-        out.append("{")
-        first = True
-        for k in sorted(v):
-            if not first:
-                out.append(",")
-            first = False
-            out.append(orjson.dumps(str(k)).decode())
-            out.append(":")
-            _canon(v[k], out)
-        out.append("}")
-    elif isinstance(v, (list, tuple)):
-        out.append("[")
-        for i, x in enumerate(v):
-            if i:
-                out.append(",")
-            _canon(x, out)
-        out.append("]")
-    elif isinstance(v, datetime):
-        out.append(orjson.dumps(_ts(v)).decode())
-    else:
-        raise TypeError(f"cannot canonicalise {type(v).__name__}")
+_Fragment = orjson.Fragment
+
+
+def _norm(v: Any) -> Any:
+    """``v`` with every number replaced by its canonical text (a raw JSON fragment), datetimes as UTC text."""
+    t = type(v)
+    if t is str or v is None or t is bool:
+        return v
+    if t is dict:
+        return {k if type(k) is str else str(k): _norm(x) for k, x in v.items()}
+    if t is list or t is tuple:
+        return [_norm(x) for x in v]
+    if t is int or t is float:
+        return _Fragment(_num(v).encode())
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)):
+        return _Fragment(_num(v).encode())
+    if isinstance(v, dict):
+        return {str(k): _norm(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, datetime):
+        return _ts(v)
+    raise TypeError(f"cannot canonicalise {type(v).__name__}")
 
 
 def _ts(v: Any) -> Optional[str]:
@@ -103,14 +100,13 @@ def _ts(v: Any) -> Optional[str]:
 
 
 def canonical_bytes(row: dict) -> bytes:
-    """The canonical bytes of an archive row (a mapping with the archive's column names)."""
+    """The canonical bytes of an archive row (a mapping with the archive's column names): compact JSON, keys
+    sorted (code point order), numbers in canonical text."""
     rec = {"event_id": row["event_id"], "lead": row["lead"], "type": row["type"],
            "occurred_at": _ts(row["occurred_at"]), "received_at": _ts(row.get("received_at")),
-           "source": row.get("source"), "campaign": row.get("campaign"), "envelope": row["envelope"],
+           "source": row.get("source"), "campaign": row.get("campaign"), "envelope": _norm(row["envelope"]),
            "prev_event_id": row.get("prev_event_id")}
-    out: list = []
-    _canon(rec, out)
-    return "".join(out).encode()
+    return orjson.dumps(rec, option=orjson.OPT_SORT_KEYS)
 
 
 def record_hash(prev_hash: str, row: dict) -> str:
