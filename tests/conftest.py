@@ -53,3 +53,19 @@ async def wait_for(cond: Callable[[], Awaitable[bool] | bool], timeout: float = 
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def eventually(check: Callable[[], Awaitable[None]], timeout: float = 60.0, interval: float = 1.0) -> None:
+    """Run the assertions in `check` until they hold or the deadline passes (then its last failure is raised).
+
+    For outcomes that become true once a stream has been processed, without trusting the processor's own
+    bookkeeping (e.g. committed offsets) to say when that is."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            await check()
+            return
+        except AssertionError:
+            if time.monotonic() > end:
+                raise
+        await asyncio.sleep(interval)
