@@ -162,8 +162,9 @@ class Conn:
 
 
 class Load:
-    def __init__(self, run: str, rate: int, handoffs_per_s: float) -> None:
+    def __init__(self, run: str, rate: int, handoffs_per_s: float, anonymous_share: float = 0.5) -> None:
         self.run = run
+        self.anonymous_every = round(1 / anonymous_share) if anonymous_share > 0 else 0
         self.rate = rate
         self.hps = handoffs_per_s
         self.n = 0
@@ -209,7 +210,7 @@ class Load:
         self.journeys = keep
         while len(batch) < n_events:
             i = self.n
-            if i % 2:
+            if not self.anonymous_every or i % self.anonymous_every:
                 batch.append({"event_id": self._id(), "type": "page_viewed", "occurred_at": now_iso(),
                               "email": f"k{i % 2000}-{self.run}@bench.example",
                               "payload": {"url": "https://bench.example/blog"}})
@@ -341,6 +342,12 @@ async def drive_synthetic(bootstrap: str, topics: dict[str, str], run: str, rate
     finally:
         await producer.stop()
     return sent, sent / elapsed
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process and its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -484,8 +491,9 @@ async def bench(a: argparse.Namespace) -> dict:
         await asyncio.sleep(1.0)  # let the receiver's SSE connection settle (it reconnects from its last id)
         acks: dict[str, float] = {}
         t_start = time.time()
+        cpu0 = cpu_seconds(alerts.pid)
         if e2e:
-            load = Load(run, a.rate, a.handoffs)
+            load = Load(run, a.rate, a.handoffs, a.anonymous)
             sent, rate = await drive(ingest_port, load, a.warmup + a.seconds, 0.02, acks, t_start + a.warmup,
                                      t_start + a.warmup + a.seconds)
         else:
@@ -493,6 +501,7 @@ async def bench(a: argparse.Namespace) -> dict:
                                                                     ("scores", "SCORES"))}
             sent, rate = await drive_synthetic(icfg.bootstrap, topics, run, a.rate, a.handoffs, a.warmup + a.seconds,
                                                0.02, acks, t_start + a.warmup, t_start + a.warmup + a.seconds)
+        alerts_cpu = (cpu_seconds(alerts.pid) - cpu0) / (time.time() - t_start)
         # wait for the last measured hand-offs to arrive on both channels
         end = time.monotonic() + 30
         while time.monotonic() < end:
@@ -502,7 +511,8 @@ async def bench(a: argparse.Namespace) -> dict:
             await asyncio.sleep(0.5)
         got = _arrivals(arrivals_path)
         result = {"mode": a.mode, "db": a.db, "partitions": a.partitions, "target_rate": a.rate, "achieved_rate": round(rate, 1),
-                  "events_sent": sent, "measured_handoffs": len(acks)}
+                  "events_sent": sent, "measured_handoffs": len(acks),
+                  "alerts_cpu_share_of_one_core": round(alerts_cpu, 3), "load_average_1m": os.getloadavg()[0]}
         for ch in ("topic", "webhook", "sse"):
             lat = [(got[ch][d] - t) * 1000 for d, t in acks.items() if d in got[ch]]
             missing = sum(1 for d in acks if d not in got[ch])
@@ -560,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=10, help="load before measuring")
     p.add_argument("--handoffs", type=float, default=10, help="decisive journeys started per second")
     p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--anonymous", type=float, default=0.5, help="share of filler page views by anonymous visitors")
     p.add_argument("--db", choices=["postgresql", "sqlite"], default="postgresql")
     p.add_argument("--mode", choices=["e2e", "alerts"], default="e2e",
                    help="e2e: ingest -> processor -> alerts; alerts: the processor's output written directly "

@@ -448,6 +448,14 @@ class Pipeline:
             live = self.live_from.get(tp, 0)
             topic = tp.topic
             self.metrics.records.labels(topic).inc(len(msgs))
+            if topic == t.scores:  # the bulk of the records: kept raw, parsed only when an alert needs them
+                for m in msgs:
+                    if m.key:
+                        self.cache.on_scored(m.value, m.key.decode("utf-8", "replace"))
+                last = msgs[-1].offset + 1 if msgs else live
+                if last > live:
+                    plan.offsets[(topic, tp.partition)] = last
+                continue
             for m in msgs:
                 if m.offset >= live:
                     plan.offsets[(topic, tp.partition)] = m.offset + 1
@@ -458,9 +466,7 @@ class Pipeline:
                 if not isinstance(rec, dict):
                     continue
                 warm = m.offset < live
-                if topic == t.scores:
-                    self.cache.on_scored(rec)
-                elif topic == t.stages:
+                if topic == t.stages:
                     self.cache.on_stage(rec)
                 elif topic == t.by_lead:
                     if not m.key:

@@ -27,6 +27,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Optional
 from urllib.parse import quote
 
+import orjson
+
 KINDS = ("handoff", "intent", "sla_breached", "sla_met")
 #: what a webhook subscription receives when it names no kinds (sla_met is a board notice, opt-in for webhooks)
 DEFAULT_WEBHOOK_KINDS = ("handoff", "intent", "sla_breached")
@@ -77,17 +79,29 @@ def lead_links(lead: str, base_url: str) -> dict[str, str]:
 class LeadInfo:
     """What the service knows about one lead from the streams (recent events only; bounded)."""
 
-    __slots__ = ("stage", "owner", "stages", "scores", "attrs", "email", "clock", "touches")
+    __slots__ = ("stage", "owner", "stages", "raw_scores", "attrs", "email", "clock", "touches")
 
     def __init__(self) -> None:
         self.stage: Optional[str] = None
         self.owner: Optional[str] = None
         self.stages: deque = deque(maxlen=8)   # (n, from, to, cause, by)
-        self.scores: deque = deque(maxlen=8)   # (seq, cause, fit, engagement, fit_before, engagement_before, version)
+        self.raw_scores: deque = deque(maxlen=8)  # lead_scored events as consumed (bytes or dict), parsed on demand
         self.attrs: Optional[dict[str, Any]] = None
         self.email: Optional[str] = None
         self.clock: Optional[float] = None     # latest occurred_at of the lead's touchpoints
         self.touches: deque = deque(maxlen=8)  # sales touches: (occurred_at, event_id)
+
+    @property
+    def scores(self) -> list[tuple]:
+        """Recent scores, deduplicated, in sequence order:
+        (seq, cause, fit, engagement, fit_before, engagement_before, version)."""
+        out: dict[int, tuple] = {}
+        for raw in self.raw_scores:
+            ev = orjson.loads(raw) if isinstance(raw, (bytes, str)) else raw
+            n = _seq(ev.get("event_id"))
+            out[n] = (n, ev.get("cause_event_id"), ev.get("fit"), ev.get("engagement"), ev.get("fit_before"),
+                      ev.get("engagement_before"), ev.get("rules_version"))
+        return [out[k] for k in sorted(out)]
 
 
 def _seq(event_id: Any) -> int:
@@ -139,18 +153,14 @@ class LeadCache:
         if ev.get("by") and ev.get("to") in SALES_STAGES and n >= last[0]:
             info.owner = ev["by"]
 
-    def on_scored(self, ev: dict) -> None:
-        lead = ev.get("lead")
+    def on_scored(self, ev: dict | bytes, lead: Optional[str] = None) -> None:
+        """A ``lead_scored`` event: kept as consumed (the most frequent record; parsed only when an alert needs
+        it), keyed by the Kafka key `lead` (or the event's ``lead``)."""
+        if lead is None:
+            lead = ev.get("lead") if isinstance(ev, dict) else None
         if not lead:
             return
-        info = self._info(lead)
-        n = _seq(ev.get("event_id"))
-        if any(s[0] == n for s in info.scores):
-            return
-        info.scores.append((n, ev.get("cause_event_id"), ev.get("fit"), ev.get("engagement"), ev.get("fit_before"),
-                            ev.get("engagement_before"), ev.get("rules_version")))
-        if len(info.scores) > 1 and info.scores[-2][0] > n:  # a redelivery out of order: keep seq order
-            info.scores = deque(sorted(info.scores, key=lambda s: s[0]), maxlen=info.scores.maxlen)
+        self._info(lead).raw_scores.append(ev)
 
     def on_touchpoint(self, lead: str, rec: dict) -> Optional[float]:
         """A by-lead touchpoint: attributes, email, the lead's clock, sales touches. Returns its occurred_at."""
@@ -216,12 +226,13 @@ def _score_before(info: Optional[LeadInfo], cause: Any) -> tuple[Optional[float]
     """(fit, engagement) before the touchpoint `cause`: the scored event of that cause if seen (its *_before),
     else the latest score seen (the scored event of `cause` is either still in flight or was never emitted
     because the score did not change: both mean the latest known score is the one before)."""
-    if info is None or not info.scores:
+    scores = info.scores if info is not None else []
+    if not scores:
         return None, None
-    for s in info.scores:
+    for s in scores:
         if s[1] == cause:
             return s[4], s[5]
-    s = info.scores[-1]
+    s = scores[-1]
     return s[2], s[3]
 
 
@@ -266,9 +277,10 @@ def handoff_alert(h: dict, info: Optional[LeadInfo], sla_minutes: float, links_b
 
 
 def _current(info: Optional[LeadInfo]) -> tuple[Optional[float], Optional[float], Optional[str]]:
-    if info is None or not info.scores:
+    scores = info.scores if info is not None else []
+    if not scores:
         return None, None, None
-    s = info.scores[-1]
+    s = scores[-1]
     return s[2], s[3], s[6]
 
 
