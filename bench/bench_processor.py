@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -70,10 +71,11 @@ def bare_faust(topic: str, n: int) -> float:
     env = {**os.environ, "BARE_TOPIC": topic, "BARE_COUNT": str(n), "BARE_BOOTSTRAP": BOOTSTRAP}
     out = subprocess.run([sys.executable, "-m", "bench.faust_bare", "worker", "--without-web", "-l", "warn"],
                          cwd=ROOT, env=env, capture_output=True, timeout=600)
-    line = [ln for ln in out.stdout.decode().splitlines() if ln.startswith("{")]
-    if not line:
-        raise RuntimeError(out.stdout.decode()[-2000:] + out.stderr.decode()[-2000:])
-    r = orjson.loads(line[-1])
+    text = out.stdout.decode() + out.stderr.decode()  # faust routes stdout through its logger
+    found = re.findall(r'\{"events":\d+,"seconds":[0-9.e-]+\}', text)
+    if not found:
+        raise RuntimeError(text[-3000:])
+    r = orjson.loads(found[-1])
     return r["events"] / r["seconds"]
 
 

@@ -17,7 +17,7 @@ topic_name = os.environ["BARE_TOPIC"]
 count = int(os.environ["BARE_COUNT"])
 app = faust.App(f"bare-{topic_name}", broker=f"kafka://{os.environ.get('BARE_BOOTSTRAP', '127.0.0.1:9092')}",
                 key_serializer="raw", value_serializer="raw", web_enabled=False,
-                consumer_auto_offset_reset="earliest", topic_allow_declare=False,
+                consumer_auto_offset_reset="earliest",
                 datadir=f"/tmp/faust-bare-{topic_name}")
 topic = app.topic(topic_name, key_type=bytes, value_type=bytes)
 
