@@ -102,6 +102,16 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                       use_partitioner=True)
     rejected = out_topics["event_rejected"]
 
+    known: set[str] = set()
+
+    async def ensure_changelog_metadata(table: Any) -> None:
+        """Tables here are written once per batch with use_partitioner=True, so the producer hashes the key itself
+        and needs the changelog topic's metadata; on a fresh broker that topic was only just created."""
+        name = table.changelog_topic.get_topic_name()
+        if name not in known:
+            await app.producer._ensure_producer().partitions_for(name)
+            known.add(name)
+
     async def send_all(sends: list[tuple[faust.TopicT, bytes, bytes]]) -> None:
         futs = [await tp.send(key=k, value=v) for tp, k, v in sends]
         for f in futs:
@@ -195,6 +205,8 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 await send_all(sends)
                 # a join request only once the event that asks is on the lead's log: the answer must follow it
                 await send_all(requests)
+                if touched:
+                    await ensure_changelog_metadata(identity)
                 for k, v in touched.items():
                     identity[k] = v
                 if touched:
@@ -229,6 +241,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                     for d in derived:
                         sends.append((out_topics[d["type"]], key, orjson.dumps(d)))
                 await send_all(sends)  # derived events are durable before the state that produced them
+                await ensure_changelog_metadata(leads)
                 for k, st in states.items():
                     if st is not None:
                         leads[k] = st.to_bytes()
