@@ -1,6 +1,7 @@
 """End-to-end alert latency: ingest acknowledgement of the decisive touchpoint -> webhook request / SSE message.
 
-    python bench/bench_alerts.py [--rate 1000] [--seconds 30] [--warmup 10] [--handoffs 10] [--db postgresql|sqlite]
+    .venv/bin/python bench/bench_alerts.py [--mode e2e|alerts] [--rate 1000] [--handoffs 10] [--seconds 30]
+                                           [--warmup 10] [--db postgresql|sqlite] [--anonymous 0.5] [--partitions 4]
 
 A steady ``--rate`` events/s go through the real ingest service (``POST /v1/events``, batches every 20 ms), the
 real processor (faust) and the alerts service, each in its own process, on the local Kafka broker (and
@@ -12,10 +13,30 @@ stamps every arrival with the wall clock; the generator stamps the ingest acknow
 Latency per hand-off = arrival - acknowledgement of the batch holding its decisive touchpoint (joined on the
 alert's ``cause_event_id``). Prints p50 / p90 / p99 / max per channel and the achieved event rate. Goal: p99 < 500 ms.
 
-Results (2-core container, everything on one machine: Kafka, PostgreSQL, processor, ingest, alerts, load,
-receiver; 30 s measured after 10 s of warm-up, 1,000 events/s, 10 hand-offs/s):
+Modes: ``--mode e2e`` (above) and ``--mode alerts``: the processor's output written straight to its topics
+(``--rate`` by-lead touchpoints/s each with its ``lead_scored``, ``--handoffs`` hand-offs/s): from the broker's
+acknowledgement of the hand-off to the arrival, i.e. the alerts service alone under the same context load.
+Every run also reports ``*_after_topic``: arrival minus the moment the hand-off was visible on its topic to a
+read_committed consumer (the alerts service's share of the e2e figure), its CPU share and the machine's load.
 
-    see the table printed by the run recorded in the commit that last touched this docstring.
+Results, 2026-11-29, one 2-core container shared with other engineers' jobs (Kafka, PostgreSQL, processor, ingest,
+alerts, load generator and receiver all on it), 30 s measured after 10 s, 10 hand-offs/s:
+
+    mode    db          events/s  load  webhook p50/p90/p99/max ms   SSE p50/p90/p99/max ms   alerts CPU
+    alerts  postgresql  1000      3.2   33 / 58 / 104 / 145          25 / 43 / 92 / 96         0.43 core
+    alerts  sqlite      1000      4.8   34 / 218 / 546 / 611         23 / 185 / 456 / 509      0.34 core
+    alerts  postgresql  1000      9.8   77 / 240 / 474 / 553         60 / 194 / 437 / 537      0.32 core
+    e2e     postgresql  1000      3.8   31,469 / 36,383 / 38,574     31,460 / 36,354 / 38,568  (113 of 300
+            hand-offs not out of the processor within 30 s after the load; alerts share p50 42 / 31, p99 140 / 139)
+    e2e     postgresql   200 (*)  5.4   559 / 2,379 / 3,556 / 3,888  540 / 2,375 / 3,548 / 3,860
+            of which ack -> hand-off on its topic (processor): 512 / 2,323 / 3,450; alerts share 45 / 102 / 158,
+            34 / 74 / 138                                                        (*) anonymous filler, 4 hand-offs/s
+
+Reading: the alerts service meets the goal with room to spare (p99 about 0.1 s on PostgreSQL on a quiet machine,
+under 0.5 s even at a load average of 10 on 2 cores). End to end at 1,000 events/s the goal is not met on this
+machine because the processor does not sustain that rate here: bench/bench_processor.py measured 246 events/s for
+one worker in the same session (and its own ingest-ack -> hand-off latency at ~1,000 events/s: p50 22 s), so the
+hand-offs queue up in front of the processor. Re-run ``--mode e2e`` where the processor keeps up.
 """
 
 from __future__ import annotations
