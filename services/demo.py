@@ -119,7 +119,41 @@ async def show(cfg: Settings, leads: list[str], timeout: float = 60.0) -> int:
     if not handoffs:
         print("no hand-off arrived in time: is the processor running?", file=sys.stderr)
         return 1
+    await show_projections(leads)
     return 0
+
+
+async def show_projections(leads: list[str], timeout: float = 30.0) -> None:
+    """The same leads as BI sees them: the SQL projections through the query API (when the stack runs it)."""
+    base = os.environ.get("LEADLEDGER_QUERY_URL", "http://127.0.0.1:8081")
+    auth = {"Authorization": f"Bearer {os.environ.get('LEADLEDGER_DEMO_BI_TOKEN', 'dev-bi-token')}"}
+    rows: dict[str, dict[str, Any]] = {}
+    async with httpx.AsyncClient(base_url=base, headers=auth, timeout=10) as client:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                for lead in leads:
+                    r = await client.get(f"/v1/leads/{lead}")
+                    if r.status_code == 200:
+                        rows[lead] = r.json()
+            except httpx.HTTPError:
+                pass
+            if len(rows) == len(leads) and rows[leads[0]].get("stage") == "mql":
+                break
+            await asyncio.sleep(0.5)
+        if not rows:
+            print(f"\n(query API at {base} not reachable: start `leadledger projector` and `leadledger query-api`)")
+            return
+        print(f"\n== the same leads in the SQL projections ({base}/v1/leads/{{id}}, role bi) ==")
+        for lead in leads:
+            row = rows.get(lead, {})
+            score = row.get("score")
+            score = f"{score:.1f}" if isinstance(score, (int, float)) else score
+            print(f"{lead:<42} {str(row.get('stage')):<10} score {score}  mql_at {row.get('mql_at')}")
+        r = await client.get("/v1/funnel")
+        if r.status_code == 200:
+            print(f"\nfunnel: GET {base}/v1/funnel → {str(r.json())[:300]}…")
+    print("hot-lead board for inside sales: http://127.0.0.1:8082/board (token dev-sales-token)")
 
 
 def main(argv: list[str] | None = None) -> int:
