@@ -19,13 +19,16 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator, Sequence
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from projections.audit_chain import archive_id, link
 from projections.lead_log import RESOLVE_TYPE
-from projections.sql_schema import (handoffs, lead_score_history, lead_stage_history, leads, projector_offsets,
-                                    touchpoint_archive)
+from projections.sql_schema import (UTCDateTime, handoffs, lead_score_history, lead_stage_history, leads,
+                                    projector_offsets, touchpoint_archive)
+
+_fromiso = datetime.fromisoformat
 
 LEAD_SCORED = "lead_scored"
 LEAD_STAGE_CHANGED = "lead_stage_changed"
@@ -43,6 +46,8 @@ def ts(value: Any) -> datetime | None:
     """RFC 3339 text (or datetime) -> aware UTC datetime."""
     if value is None or value == "":
         return None
+    if type(value) is str and value.endswith("+00:00"):   # the wire format: UTC already
+        return _fromiso(value)
     if isinstance(value, datetime):
         dt = value
     else:
@@ -73,21 +78,173 @@ def _chunks(items: Sequence[Any], n: int = CHUNK) -> Iterator[Sequence[Any]]:
         yield items[i:i + n]
 
 
+# ---------------------------------------------------------------- set-based primitives
+#
+# PostgreSQL: one statement per table and batch. Key lists travel as one array parameter (``= ANY(:keys)``); rows
+# travel as one JSON array per column, zipped server-side (INSERT ... SELECT ... ON CONFLICT, UPDATE ... FROM): a
+# C-level serialisation instead of a bind step per value. The stored values are those of a plain executemany:
+# timestamps are sent with their offset (naive = UTC, as ``UTCDateTime``), a JSON column's None is the JSON ``null``
+# (SQLAlchemy's ``none_as_null=False``), numbers and strings are JSON's. SQLite (embedded: no round trips) runs the
+# equivalent statements as executemany.
+
+
+def _is_pg(conn: sa.Connection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def _key_parts(conn: sa.Connection, keys: Iterable[Any]) -> Iterator[list]:
+    """``keys`` in parts for ``_in``: all at once on PostgreSQL (one array parameter), chunks elsewhere."""
+    keys = list(keys)
+    if not keys:
+        return
+    if _is_pg(conn):
+        yield keys
+        return
+    yield from _chunks(keys)
+
+
+def _in(conn: sa.Connection, col: sa.Column, part: Sequence[Any]) -> Any:
+    if _is_pg(conn):
+        return col == sa.any_(sa.bindparam(None, list(part), type_=postgresql.ARRAY(col.type), unique=True))
+    return col.in_(part)
+
+
+def _key_filters(conn: sa.Connection, col: sa.Column, keys: Iterable[Any]) -> Iterator[Any]:
+    """WHERE clauses selecting the rows whose ``col`` is in ``keys``."""
+    for part in _key_parts(conn, keys):
+        yield _in(conn, col, part)
+
+
+def _pg_type(col: sa.Column) -> str:
+    t = col.type
+    if isinstance(t, sa.JSON):
+        return "jsonb"
+    if isinstance(t, UTCDateTime):
+        return "timestamptz"
+    if isinstance(t, sa.Float):
+        return "float8"
+    if isinstance(t, sa.BigInteger):
+        return "int8"
+    if isinstance(t, sa.Integer):
+        return "int4"
+    if isinstance(t, (sa.String, sa.Text)):
+        return "text"
+    raise NotImplementedError(f"no PostgreSQL type for {col}")
+
+
+def _pg_recordset(conn: sa.Connection, table: sa.Table, cols: Sequence[str], rows: Sequence[dict]) \
+        -> tuple[list[str], str, dict] | None:
+    """(value expression per column, FROM item, params) reading ``rows`` as records ``x``: one JSON array per column,
+    zipped server-side by ``ROWS FROM (json_array_elements...)`` (several times cheaper to parse than a JSON array of
+    objects). None when the rows are not plain JSON (the caller then falls back to executemany)."""
+    params = {}
+    try:
+        for i, c in enumerate(cols):
+            params[f"c{i}"] = orjson.dumps([r[c] for r in rows], option=orjson.OPT_NAIVE_UTC).decode()
+    except TypeError:
+        return None
+    q = conn.dialect.identifier_preparer.quote
+    types = [_pg_type(table.c[c]) for c in cols]
+    # a JSON column keeps JSON null as the JSON value null (SQLAlchemy's none_as_null=False); others: SQL NULL
+    srfs = ", ".join(f"json_array_elements{'' if t == 'jsonb' else '_text'}(%(c{i})s::json)"
+                     for i, t in enumerate(types))
+    exprs = [f"x.{q(c)}::{t}" for c, t in zip(cols, types)]
+    return exprs, f"ROWS FROM ({srfs}) AS x({', '.join(q(c) for c in cols)})", params
+
+
+def _pg_insert_sql(conn: sa.Connection, table: sa.Table, rows: list[dict],
+                   update_key: str | None) -> tuple[str, dict] | None:
+    """The set-based INSERT of ``rows`` (see ``_insert_rows``), or None when they are not plain JSON."""
+    cols = list(rows[0])
+    rs = _pg_recordset(conn, table, cols, rows)
+    if rs is None:
+        return None
+    q = conn.dialect.identifier_preparer.quote
+    exprs, source, params = rs
+    sql = f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in cols)}) SELECT {', '.join(exprs)} FROM {source} "
+    if update_key is None:
+        sql += "ON CONFLICT DO NOTHING"
+    else:
+        sql += (f"ON CONFLICT ({q(update_key)}) DO UPDATE SET "
+                + ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in cols if c != update_key))
+    return sql, params
+
+
+def _insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict], update_key: str | None = None) -> None:
+    """INSERT ``rows`` (dicts with the same keys, distinct primary keys); a row whose key exists is skipped, or with
+    ``update_key`` (an upsert) the existing row takes the new values."""
+    if not rows:
+        return
+    if _is_pg(conn):
+        st = _pg_insert_sql(conn, table, rows, update_key)
+        if st is not None:
+            conn.exec_driver_sql(*st)
+            return
+    cols = list(rows[0])
+    ins = dialect_insert(conn, table)
+    if update_key is None:
+        stmt = ins.on_conflict_do_nothing()
+    else:
+        stmt = ins.on_conflict_do_update(index_elements=[update_key],
+                                         set_={c: ins.excluded[c] for c in cols if c != update_key})
+    conn.execute(stmt, rows)
+
+
+def _insert_new(conn: sa.Connection, table: sa.Table, recs: list[dict], row: Any) -> list[dict]:
+    """Insert ``row(r)`` for the records ``recs`` not seen before (in this batch or in the table); returns those.
+    PostgreSQL: one INSERT ... ON CONFLICT DO NOTHING RETURNING tells which were new; elsewhere a lookup first."""
+    if _is_pg(conn):
+        recs = _unique(recs)
+        rows = [row(r) for r in recs]
+        st = _pg_insert_sql(conn, table, rows, None) if rows else None
+        if st is not None:
+            new = set(conn.exec_driver_sql(st[0] + " RETURNING event_id", st[1]).scalars())
+            return [r for r in recs if r["event_id"] in new]
+    recs = _new_only(conn, table, recs)
+    _insert_rows(conn, table, [row(r) for r in recs])
+    return recs
+
+
+def _update_rows(conn: sa.Connection, table: sa.Table, key: str, rows: list[dict]) -> None:
+    """UPDATE the rows of ``table`` named by ``key``: ``rows`` = dicts of the key and the new column values."""
+    if not rows:
+        return
+    cols = list(rows[0])
+    sets = [c for c in cols if c != key]
+    rs = _pg_recordset(conn, table, cols, rows) if _is_pg(conn) else None
+    if rs is not None:
+        q = conn.dialect.identifier_preparer.quote
+        t = q(table.name)
+        exprs, source, params = rs
+        sets_sql = ", ".join(f"{q(c)} = {e}" for c, e in zip(cols, exprs) if c != key)
+        conn.exec_driver_sql(f"UPDATE {t} SET {sets_sql} FROM {source} WHERE {t}.{q(key)} = x.{q(key)}", params)
+        return
+    stmt = table.update().where(table.c[key] == sa.bindparam("b_" + key)).values(
+        {c: sa.bindparam("b_" + c, type_=table.c[c].type) for c in sets})
+    conn.execute(stmt, [{"b_" + c: r[c] for c in cols} for r in rows])
+
+
 def _existing_ids(conn: sa.Connection, table: sa.Table, ids: Sequence[str]) -> set[str]:
     found: set[str] = set()
-    for part in _chunks(list(ids)):
-        found.update(conn.execute(sa.select(table.c.event_id).where(table.c.event_id.in_(part))).scalars())
+    for where in _key_filters(conn, table.c.event_id, ids):
+        found.update(conn.execute(sa.select(table.c.event_id).where(where)).scalars())
     return found
 
 
-def _new_only(conn: sa.Connection, table: sa.Table, recs: list[dict]) -> list[dict]:
-    """Drop records seen before (in this batch or in the table): the idempotence step."""
+def _unique(recs: list[dict]) -> list[dict]:
+    """The first record of each event id."""
     seen: set[str] = set()
     unique = []
     for r in recs:
         if r["event_id"] not in seen:
             seen.add(r["event_id"])
             unique.append(r)
+    return unique
+
+
+def _new_only(conn: sa.Connection, table: sa.Table, recs: list[dict]) -> list[dict]:
+    """Drop records seen before (in this batch or in the table): the idempotence step."""
+    unique = _unique(recs)
     if not unique:
         return []
     old = _existing_ids(conn, table, [r["event_id"] for r in unique])
@@ -126,9 +283,7 @@ def apply_batch(conn: sa.Connection, records: Iterable[dict]) -> dict[str, int]:
             tps.append(r)
 
     tps = _new_only(conn, touchpoint_archive, [_archivable(r) for r in tps])
-    scored = _new_only(conn, lead_score_history, scored)
     staged = _new_only(conn, lead_stage_history, staged)
-    handed = _new_only(conn, handoffs, handed)
 
     # -- touchpoint archive: seq per lead continues from the stored maximum, each row chained to the previous one
     #    (projections/audit_chain.py); join resolutions are archived too (replays need them)
@@ -138,30 +293,32 @@ def apply_batch(conn: sa.Connection, records: Iterable[dict]) -> dict[str, int]:
     tps = [r for r in tps if r["type"] != RESOLVE_TYPE]
 
     if scored:
-        conn.execute(dialect_insert(conn, lead_score_history).on_conflict_do_nothing(), [
-            dict(event_id=r["event_id"], lead=r["lead"], seq=id_seq(r["event_id"]), at=ts(r["at"]),
-                 fit=float(r.get("fit") or 0), engagement=float(r.get("engagement") or 0),
-                 score=float(r.get("score") or 0), fit_before=r.get("fit_before"),
-                 engagement_before=r.get("engagement_before"), explanation=r.get("explanation"),
-                 cause_event_id=r.get("cause_event_id"), rules_version=r.get("rules_version"))
-            for r in scored])
+        scored = _insert_new(conn, lead_score_history, scored, lambda r: dict(
+            event_id=r["event_id"], lead=r["lead"], seq=id_seq(r["event_id"]), at=ts(r["at"]),
+            fit=float(r.get("fit") or 0), engagement=float(r.get("engagement") or 0),
+            score=float(r.get("score") or 0), fit_before=r.get("fit_before"),
+            engagement_before=r.get("engagement_before"), explanation=r.get("explanation"),
+            cause_event_id=r.get("cause_event_id"), rules_version=r.get("rules_version")))
 
     if staged:
-        conn.execute(dialect_insert(conn, lead_stage_history).on_conflict_do_nothing(), [
-            dict(event_id=r["event_id"], lead=r["lead"], n=id_seq(r["event_id"]), from_stage=r.get("from"),
-                 to_stage=r["to"], at=ts(r["at"]), left_at=None, cause_event_id=r.get("cause_event_id"),
-                 rules_version=r.get("rules_version"), reason=r.get("reason"), by=r.get("by"))
-            for r in staged])
-        _fix_left_at(conn, sorted({r["lead"] for r in staged}))
+        rows = [dict(event_id=r["event_id"], lead=r["lead"], n=id_seq(r["event_id"]), from_stage=r.get("from"),
+                     to_stage=r["to"], at=ts(r["at"]), left_at=None, cause_event_id=r.get("cause_event_id"),
+                     rules_version=r.get("rules_version"), reason=r.get("reason"), by=r.get("by"))
+                for r in staged]
+        later = _left_at_before_insert(conn, rows)
+        _insert_rows(conn, lead_stage_history, rows)
+        if later is not None:
+            _update_rows(conn, lead_stage_history, "event_id", later)
+        else:
+            _fix_left_at(conn, sorted({r["lead"] for r in staged}))
 
     if handed:
-        conn.execute(dialect_insert(conn, handoffs).on_conflict_do_nothing(), [
-            dict(event_id=r["event_id"], lead=r["lead"], episode=int(r.get("episode") or id_seq(r["event_id"]) or 0),
-                 at=ts(r["at"]), fit=r.get("fit"), engagement=r.get("engagement"), score=r.get("score"),
-                 rules_version=r.get("rules_version"), cause_event_id=r.get("cause_event_id"),
-                 explanation=r.get("explanation"), top_touchpoints=r.get("top_touchpoints"),
-                 first_sales_touch_at=None, time_to_first_touch_s=None)
-            for r in handed])
+        handed = _insert_new(conn, handoffs, handed, lambda r: dict(
+            event_id=r["event_id"], lead=r["lead"], episode=int(r.get("episode") or id_seq(r["event_id"]) or 0),
+            at=ts(r["at"]), fit=r.get("fit"), engagement=r.get("engagement"), score=r.get("score"),
+            rules_version=r.get("rules_version"), cause_event_id=r.get("cause_event_id"),
+            explanation=r.get("explanation"), top_touchpoints=r.get("top_touchpoints"),
+            first_sales_touch_at=None, time_to_first_touch_s=None))
 
     sales_leads = {r["lead"] for r in handed} | {touchpoint_lead(r) for r in tps if r["type"] in SALES_TOUCH_TYPES}
     if sales_leads:
@@ -187,8 +344,8 @@ def _archive(conn: sa.Connection, tps: list[dict]) -> None:
     a = touchpoint_archive
     keys = sorted({touchpoint_lead(r) for r in tps})
     last: dict[str, tuple[int, str, str]] = {}  # lead -> (seq, hash, event_id) of its latest archived row
-    for part in _chunks(keys):
-        top = sa.select(a.c.lead, sa.func.max(a.c.seq).label("m")).where(a.c.lead.in_(part)) \
+    for where in _key_filters(conn, a.c.lead, keys):
+        top = sa.select(a.c.lead, sa.func.max(a.c.seq).label("m")).where(where) \
             .group_by(a.c.lead).subquery()
         rows = conn.execute(sa.select(a.c.lead, a.c.seq, a.c.hash, a.c.event_id)
                             .join(top, sa.and_(a.c.lead == top.c.lead, a.c.seq == top.c.m)))
@@ -196,9 +353,8 @@ def _archive(conn: sa.Connection, tps: list[dict]) -> None:
     # a join resolution takes the times of the event that asked for it (archived before it, same lead)
     times = {r["event_id"]: (r["occurred_at"], r.get("received_at")) for r in tps if r["type"] != RESOLVE_TYPE}
     wanted = sorted({r["request_id"] for r in tps if r["type"] == RESOLVE_TYPE and r.get("request_id")} - set(times))
-    for part in _chunks(wanted):
-        for eid, occ, ra in conn.execute(sa.select(a.c.event_id, a.c.occurred_at, a.c.received_at)
-                                         .where(a.c.event_id.in_(part))):
+    for where in _key_filters(conn, a.c.event_id, wanted):
+        for eid, occ, ra in conn.execute(sa.select(a.c.event_id, a.c.occurred_at, a.c.received_at).where(where)):
             times[eid] = (occ, ra)
     rows_out = []
     prev_times: dict[str, tuple] = {}
@@ -218,49 +374,72 @@ def _archive(conn: sa.Connection, tps: list[dict]) -> None:
         last[key] = (seq + 1, row["hash"], row["event_id"])
         prev_times[key] = (occ, ra)
         rows_out.append(row)
-    conn.execute(dialect_insert(conn, a).on_conflict_do_nothing(), rows_out)
+    _insert_rows(conn, a, rows_out)
+
+
+def _left_at_before_insert(conn: sa.Connection, rows: list[dict]) -> list[dict] | None:
+    """``left_at`` of new transitions set before they are inserted (no second write of a fresh row); returns the
+    updates of stored transitions followed by a new one. None, changing nothing, when a lead's transitions are not
+    numbered 1..n uniquely (then ``_fix_left_at`` orders them after the insert exactly as the database does)."""
+    h = lead_stage_history
+    by_lead: dict[str, list] = {}
+    for r in rows:
+        by_lead.setdefault(r["lead"], []).append((r["n"], r["at"], r))
+    for where in _key_filters(conn, h.c.lead, sorted(by_lead)):
+        for eid, lead, n, at, left_at in conn.execute(sa.select(h.c.event_id, h.c.lead, h.c.n, h.c.at, h.c.left_at)
+                                                     .where(where)).all():
+            by_lead[lead].append((n, at, (eid, left_at)))
+    for items in by_lead.values():
+        ns = {n for n, _at, _x in items}
+        if None in ns or len(ns) != len(items):
+            return None
+    updates = []
+    for items in by_lead.values():
+        items.sort(key=lambda x: x[0])
+        for i, (_n, _at, x) in enumerate(items):
+            want = items[i + 1][1] if i + 1 < len(items) else None
+            if type(x) is dict:
+                x["left_at"] = want
+            elif want != x[1]:
+                updates.append({"event_id": x[0], "left_at": want})
+    return updates
 
 
 def _fix_left_at(conn: sa.Connection, lead_keys: list[str]) -> None:
     """``left_at`` of a transition = ``at`` of the lead's next transition (by transition number)."""
     h = lead_stage_history
-    for part in _chunks(lead_keys):
+    updates = []
+    for where in _key_filters(conn, h.c.lead, lead_keys):
         rows = conn.execute(sa.select(h.c.event_id, h.c.lead, h.c.n, h.c.at, h.c.left_at)
-                            .where(h.c.lead.in_(part)).order_by(h.c.lead, h.c.n, h.c.at, h.c.event_id)).all()
-        updates = []
+                            .where(where).order_by(h.c.lead, h.c.n, h.c.at, h.c.event_id)).all()
         for i, row in enumerate(rows):
             nxt = rows[i + 1] if i + 1 < len(rows) and rows[i + 1].lead == row.lead else None
             want = nxt.at if nxt is not None else None
             if want != row.left_at:
-                updates.append({"b_id": row.event_id, "b_left": want})
-        if updates:
-            conn.execute(h.update().where(h.c.event_id == sa.bindparam("b_id"))
-                         .values(left_at=sa.bindparam("b_left", type_=h.c.left_at.type)), updates)
+                updates.append({"event_id": row.event_id, "left_at": want})
+    _update_rows(conn, h, "event_id", updates)
 
 
 def _fix_first_sales_touch(conn: sa.Connection, lead_keys: list[str]) -> None:
     """First ``call_logged`` / ``stage_changed`` touchpoint at or after each hand-off."""
     a, ho = touchpoint_archive, handoffs
-    for part in _chunks(lead_keys):
+    updates = []
+    for part in _key_parts(conn, lead_keys):
         touches: dict[str, list[datetime]] = {}
         for lead, at in conn.execute(sa.select(a.c.lead, a.c.occurred_at)
-                                     .where(a.c.lead.in_(part), a.c.type.in_(SALES_TOUCH_TYPES))):
+                                     .where(_in(conn, a.c.lead, part), a.c.type.in_(SALES_TOUCH_TYPES))).all():
             touches.setdefault(lead, []).append(at)
-        updates = []
         for row in conn.execute(sa.select(ho.c.event_id, ho.c.lead, ho.c.at, ho.c.first_sales_touch_at)
-                                .where(ho.c.lead.in_(part))):
+                                .where(_in(conn, ho.c.lead, part))).all():
             after = [t for t in touches.get(row.lead, ()) if t >= row.at]
             first = min(after) if after else None
             if first != row.first_sales_touch_at:
-                updates.append({"b_id": row.event_id, "b_first": first,
-                                "b_secs": (first - row.at).total_seconds() if first else None})
-        if updates:
-            conn.execute(ho.update().where(ho.c.event_id == sa.bindparam("b_id"))
-                         .values(first_sales_touch_at=sa.bindparam("b_first", type_=ho.c.first_sales_touch_at.type),
-                                 time_to_first_touch_s=sa.bindparam("b_secs")), updates)
+                updates.append({"event_id": row.event_id, "first_sales_touch_at": first,
+                                "time_to_first_touch_s": (first - row.at).total_seconds() if first else None})
+    _update_rows(conn, ho, "event_id", updates)
 
 
-_LEAD_COLS = [c.name for c in leads.columns]
+_LEAD_COLS = [str(c.name) for c in leads.columns]  # plain str keys (orjson refuses str subclasses)
 
 
 def _blank_lead(key: str, at: datetime) -> dict:
@@ -287,10 +466,9 @@ def _update_leads(conn: sa.Connection, tps: list[dict], scored: list[dict], stag
     if not keys:
         return
     state: dict[str, dict] = {}
-    for part in _chunks(sorted(keys)):
-        for row in conn.execute(sa.select(leads).where(leads.c.lead.in_(part))).mappings():
+    for where in _key_filters(conn, leads.c.lead, sorted(keys)):
+        for row in conn.execute(sa.select(leads).where(where)).mappings().all():
             state[row["lead"]] = dict(row)
-    existing = set(state)
 
     def get(key: str, at: datetime) -> dict:
         if key not in state:
@@ -355,15 +533,8 @@ def _update_leads(conn: sa.Connection, tps: list[dict], scored: list[dict], stag
         s["handoffs"] = (s["handoffs"] or 0) + 1
         s["updated_at"] = _later(s["updated_at"], at)
 
-    new_rows = [s for k, s in state.items() if k not in existing]
-    old_rows = [s for k, s in state.items() if k in existing]
-    if new_rows:
-        conn.execute(leads.insert(), new_rows)
-    if old_rows:
-        cols = [c for c in _LEAD_COLS if c != "lead"]
-        stmt = leads.update().where(leads.c.lead == sa.bindparam("b_lead")).values(
-            {c: sa.bindparam(f"b_{c}", type_=leads.c[c].type) for c in cols})
-        conn.execute(stmt, [{f"b_{c}": s[c] for c in _LEAD_COLS} for s in old_rows])
+    # every touched lead, new or not, in one upsert of its final values for this batch
+    _insert_rows(conn, leads, [{c: s[c] for c in _LEAD_COLS} for s in state.values()], update_key="lead")
 
 
 # ---------------------------------------------------------------- offsets

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -162,39 +163,71 @@ class Projector:
 
     # -- live mode
 
+    async def _write_and_commit(self, consumer: AIOKafkaConsumer, records: list[dict],
+                                offsets: dict[tuple[str, int], int]) -> None:
+        """One batch: its database transaction, then (best effort) the Kafka commit. The caller holds ``lock``."""
+        try:
+            await self._retrying(self._write, records, offsets)
+            self.batches += 1
+            self.records += len(records)
+        finally:
+            self.lock.release()
+        # best effort, for lag monitoring only: the database is the source of truth
+        try:
+            await consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+        except Exception:  # noqa: BLE001 - a rebalance or a slow broker must not stop the projector
+            pass
+
     async def run(self) -> None:
-        """Consume until :meth:`stop` (the caller ensures the schema exists, e.g. with ``migrate``)."""
+        """Consume until :meth:`stop` (the caller ensures the schema exists, e.g. with ``migrate``).
+
+        While a batch is written (in a worker thread) the next one is fetched and decoded; the writes themselves
+        stay strictly one after the other, each holding ``lock`` (so a rebalance waits for the write in flight).
+        """
         consumer = self._consumer(group_id=self.group)
         consumer.subscribe(projector_topics(self.topics), listener=_Listener(self, consumer))
         await consumer.start()
+        inflight: asyncio.Task | None = None
         try:
             while not self.stop_event.is_set():
                 gen = self.generation
                 batch = await consumer.getmany(timeout_ms=self.poll_timeout_ms, max_records=self.batch_max)
+                if inflight is not None and inflight.done():
+                    task, inflight = inflight, None
+                    if await self._settled(task):
+                        break
                 if not batch:
                     continue
-                async with self.lock:
-                    if gen != self.generation:
-                        # a rebalance happened while this batch was fetched: drop it and position every
-                        # partition at the offset the database holds (the batch will be fetched again)
-                        await self.seek_from_db(consumer, consumer.assignment())
-                        continue
-                    records, offsets = self._collect(batch)
+                records, offsets = self._collect(batch)   # decoded while the previous batch is written
+                if inflight is not None:
+                    task, inflight = inflight, None
+                    if await self._settled(task):
+                        break
+                await self.lock.acquire()
+                if gen != self.generation:
+                    # a rebalance happened while this batch was fetched: drop it and position every
+                    # partition at the offset the database holds (the batch will be fetched again)
                     try:
-                        await self._retrying(self._write, records, offsets)
-                    except Exception:
-                        if self.stop_event.is_set():
-                            break
-                        raise
-                    self.batches += 1
-                    self.records += len(records)
-                # best effort, for lag monitoring only: the database is the source of truth
-                try:
-                    await consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
-                except Exception:  # noqa: BLE001 - a rebalance or a slow broker must not stop the projector
-                    pass
+                        await self.seek_from_db(consumer, consumer.assignment())
+                    finally:
+                        self.lock.release()
+                    continue
+                inflight = asyncio.create_task(self._write_and_commit(consumer, records, offsets))
         finally:
+            if inflight is not None:
+                with contextlib.suppress(Exception):
+                    await inflight
             await consumer.stop()
+
+    async def _settled(self, task: asyncio.Task) -> bool:
+        """Wait for a batch write; True when it failed because the projector is stopping (else its error raises)."""
+        try:
+            await task
+        except Exception:
+            if self.stop_event.is_set():
+                return True
+            raise
+        return False
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -222,6 +255,7 @@ class Projector:
         consumer = self._consumer(group_id=None)
         await consumer.start()
         total = 0
+        inflight: asyncio.Task | None = None   # the batch being written while the next one is fetched
         try:
             names = projector_topics(self.topics)
             parts = [TopicPartition(t, p) for t, ps in (await self._partitions(names)).items() for p in ps]
@@ -239,8 +273,11 @@ class Projector:
                 batch = {tp: [m for m in msgs if m.offset < end[tp]] for tp, msgs in batch.items()}
                 batch = {tp: msgs for tp, msgs in batch.items() if msgs}
                 if batch:
-                    records, offsets = self._collect(batch)
-                    await self._retrying(self._write, records, offsets)
+                    records, offsets = self._collect(batch)   # decoded while the previous batch is written
+                    if inflight is not None:
+                        task, inflight = inflight, None
+                        await task
+                    inflight = asyncio.create_task(self._retrying(self._write, records, offsets))
                     total += len(records)
                     idle_since = time.monotonic()
                 for tp in list(remaining):
@@ -251,9 +288,18 @@ class Projector:
                 if remaining and time.monotonic() - idle_since > 10:
                     # only transaction markers / aborted records left before the captured end
                     log.info("no more records before the captured end offsets on %d partitions", len(remaining))
+                    if inflight is not None:
+                        task, inflight = inflight, None
+                        await task
                     await self._retrying(self._write, [], {(tp.topic, tp.partition): end[tp] for tp in remaining})
                     break
+            if inflight is not None:
+                task, inflight = inflight, None
+                await task
         finally:
+            if inflight is not None:
+                with contextlib.suppress(Exception):
+                    await inflight
             await consumer.stop()
         return total
 

@@ -190,3 +190,46 @@ def test_offsets_roundtrip(db_url: str) -> None:
             assert load_offsets(conn, "g") == {("t", 0): 9, ("t", 1): 7}
     finally:
         engine.dispose()
+
+
+def test_values_beyond_plain_json_are_written_the_same(db_url: str, tmp_path) -> None:
+    """PostgreSQL writes batches set-based (rows as JSON arrays); an integer beyond 64 bits cannot travel that way
+    and takes the row-by-row path: the tables equal SQLite's either way, and a second apply changes nothing."""
+    sql_schema.migrate(db_url)
+    big = 2 ** 70
+    recs = [touchpoint("b@x.com", "b1", "form_submitted", T0, payload={"fields": {"name": "B", "size": big}}),
+            staged("b@x.com", 1, T0, "anonymous", "known", "b1"),
+            handed("b@x.com", 1, T0, "b1")]
+    recs[2]["explanation"] = {"fit": [], "engagement": [], "big": big}
+    first = _apply(db_url, recs)
+    assert first == {"touchpoint_archive": 1, "lead_score_history": 0, "lead_stage_history": 1, "handoffs": 1}
+    ref = f"sqlite:///{tmp_path / 'ref.db'}"
+    sql_schema.migrate(ref)
+    _apply(ref, recs)
+    assert dump(db_url) == dump(ref)
+    assert _apply(db_url, recs) == {"touchpoint_archive": 0, "lead_score_history": 0, "lead_stage_history": 0,
+                                    "handoffs": 0}
+    assert dump(db_url) == dump(ref)
+
+
+def test_left_at_with_unnumbered_transitions(db_url: str) -> None:
+    """A transition id without a trailing number (n = null) is ordered as the database sorts nulls (PostgreSQL:
+    last, SQLite: first): the set-based path gives way to the stored order."""
+    sql_schema.migrate(db_url)
+    lead = "u@x.com"
+    odd = dict(staged(lead, 9, T0 + timedelta(days=3), "lead", "mql", "u3"), event_id=f"{lead}:stage:x")
+    _apply(db_url, [staged(lead, 1, T0, "anonymous", "known", "u1")])
+    _apply(db_url, [odd, staged(lead, 2, T0 + timedelta(days=1), "known", "lead", "u2")])
+    engine = sql_schema.make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            h = sql_schema.lead_stage_history
+            rows = {r.event_id: r.left_at for r in conn.execute(sa.select(h.c.event_id, h.c.left_at))}
+    finally:
+        engine.dispose()
+    if db_url.startswith("postgresql"):
+        assert rows == {f"{lead}:stage:1": T0 + timedelta(days=1), f"{lead}:stage:2": T0 + timedelta(days=3),
+                        f"{lead}:stage:x": None}
+    else:
+        assert rows == {f"{lead}:stage:x": T0, f"{lead}:stage:1": T0 + timedelta(days=1),
+                        f"{lead}:stage:2": None}
