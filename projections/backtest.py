@@ -14,6 +14,7 @@ stderr; they are not fatal. Lines with an older ``schema_version`` are upcast wi
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from datetime import datetime
@@ -38,32 +39,41 @@ def check_envelope(ev: Any) -> Optional[str]:
     """None when ``ev`` is a usable wire envelope, else the reason (naming the field)."""
     if not isinstance(ev, dict):
         return "a touchpoint must be a JSON object"
-    eid = ev.get("event_id")
+    get = ev.get
+    eid = get("event_id")
     if not isinstance(eid, str) or not 1 <= len(eid) <= 128:
         return "event_id: a string of 1-128 characters is required"
-    t = ev.get("type")
+    t = get("type")
     if not isinstance(t, str) or not t:
         return "type: required"
-    for f in ("occurred_at", "received_at"):
-        v = ev.get(f)
+    for f in _TIME_FIELDS:
+        v = get(f)
         if not isinstance(v, str):
             return f"{f}: required (RFC 3339 with offset)"
         try:
-            dt = datetime.fromisoformat(v)
+            dt = _fromiso(v)
         except ValueError:
             return f"{f}: not an RFC 3339 timestamp: {v!r}"
         if dt.tzinfo is None:
             return f"{f}: an offset is required: {v!r}"
-    p = ev.get("payload")
+    p = get("payload")
     if p is not None and not isinstance(p, dict):
         return "payload: must be an object"
-    lid, email, aid = ev.get("lead_id"), ev.get("email"), ev.get("anonymous_id")
-    for name, v in (("lead_id", lid), ("email", email), ("anonymous_id", aid)):
-        if v is not None and not isinstance(v, str):
-            return f"{name}: must be a string or null"
+    lid = get("lead_id")
+    email = get("email")
+    aid = get("anonymous_id")
+    if (lid is not None and not isinstance(lid, str)) or (email is not None and not isinstance(email, str)) \
+            or (aid is not None and not isinstance(aid, str)):
+        for name, v in (("lead_id", lid), ("email", email), ("anonymous_id", aid)):
+            if v is not None and not isinstance(v, str):
+                return f"{name}: must be a string or null"
     if not ((lid and lid.strip()) or (email and email.strip()) or aid):
         return "one of lead_id, email, anonymous_id is required"
     return None
+
+
+_TIME_FIELDS = ("occurred_at", "received_at")
+_fromiso = datetime.fromisoformat
 
 
 def _decoder() -> Callable[[bytes], Any]:
@@ -84,14 +94,18 @@ def run(rule_paths: list[str], events_path: str, out: IO[str], err: Optional[IO[
     book = RuleBook.from_paths(rule_paths)
     ledger = Ledger(book, emit=False)
     decode = _decoder()
+    apply = ledger.apply
     invalid = 0
     lines = 0
-    applied = 0
     reported = 0
     src = sys.stdin.buffer if events_path == "-" else open(events_path, "rb")
+    # The fold allocates millions of small containers that live to the end and never form cycles: the cyclic
+    # GC would only re-scan them (a third of the run time on 1M events). Reference counting still frees the rest.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         for lineno, raw in enumerate(src, 1):
-            if not raw.strip():
+            if raw[:1] != b"{" and not raw.strip():
                 continue
             lines += 1
             reason: Optional[str]
@@ -102,10 +116,7 @@ def run(rule_paths: list[str], events_path: str, out: IO[str], err: Optional[IO[
                 reason = f"invalid JSON or envelope: {e}"
             if reason is None:
                 try:
-                    before = ledger.duplicates
-                    ledger.apply(ev)
-                    if ledger.duplicates == before:
-                        applied += 1
+                    apply(ev)
                     continue
                 except (ValueError, TypeError, KeyError, AttributeError) as e:
                     reason = f"cannot fold: {type(e).__name__}: {e}"
@@ -114,8 +125,11 @@ def run(rule_paths: list[str], events_path: str, out: IO[str], err: Optional[IO[
                 reported += 1
                 print(f"backtest: {events_path}:{lineno}: {reason}", file=err)
     finally:
+        if gc_was_enabled:
+            gc.enable()
         if src is not sys.stdin.buffer:
             src.close()
+    applied = lines - invalid - ledger.duplicates
     states = ledger.states()
     dumps = orjson.dumps
     for st in states:

@@ -95,6 +95,7 @@ _STATE_FORMAT = 1
 _UTC = timezone.utc
 _EPOCH = datetime(1970, 1, 1, tzinfo=_UTC)
 _fromiso = datetime.fromisoformat
+_insort = bisect.insort
 
 
 def parse_ts(s: str) -> float:
@@ -206,7 +207,7 @@ class LeadState:
 
     __slots__ = ("key", "anonymous", "stage", "transitions", "recycled_at", "handoffs", "rejected", "alerts", "seq",
                  "t", "t_str", "attrs", "vals", "rev", "email", "qualified", "aggs", "seen", "seen_old", "fit", "eng",
-                 "version", "_fitc", "_er", "_cmp")
+                 "version", "_fitc", "_er", "_cmp", "_fit_rs", "_fit_v")
 
     def __init__(self, key: str, anonymous: bool = False):
         self.key = key
@@ -235,6 +236,8 @@ class LeadState:
         self._fitc: Optional[tuple] = None     # caches (not serialised)
         self._er: Optional[str] = None
         self._cmp: Optional[tuple] = None
+        self._fit_rs: Optional[CompiledRuleSet] = None   # fit of vals under _fit_rs (None: recompute)
+        self._fit_v: Union[int, float] = 0
 
     @classmethod
     def new(cls, key: str, anonymous: bool = False) -> "LeadState":
@@ -323,6 +326,7 @@ def _set_attrs(state: LeadState, mapping: Any, ra: str, eid: str) -> None:
             attrs[k] = (v, ra, eid)
             vals[k] = v
     state.rev += 1
+    state._fit_rs = None
 
 
 def _fit(state: LeadState, rs: CompiledRuleSet) -> tuple:
@@ -334,6 +338,8 @@ def _fit(state: LeadState, rs: CompiledRuleSet) -> tuple:
     for m in matches:
         total += m[2]
     c = state._fitc = (rs, state.rev, total, matches)
+    state._fit_rs = rs
+    state._fit_v = total
     return c
 
 
@@ -344,7 +350,6 @@ def _fit(state: LeadState, rs: CompiledRuleSet) -> tuple:
 def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from: Optional[LeadState] = None,
          emit: bool = True) -> tuple[LeadState, list[dict]]:
     """Fold one touchpoint into ``state`` (mutated and returned) and return the derived events."""
-    eid = event["event_id"]
     if state is None:
         lk, aid = subject_of(event)
         if lk is not None:
@@ -353,9 +358,31 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
             state = LeadState(aid, True)
         else:
             raise ValueError("event has no subject (lead_id, email or anonymous_id)")
+    if emit:
+        out: list = []
+        _fold(state, event, book, merge_from, out)
+        return state, out
+    _fold(state, event, book, merge_from, None)
+    return state, []
+
+
+_NO_PAYLOAD: dict = {}
+#: event types with effects beyond engagement / intents (attributes, qualification, stage moves)
+_SPECIAL = frozenset({"form_submitted", "attribute_updated", "call_logged", "stage_changed"})
+
+
+def _fold(state: LeadState, event: dict, book: RuleBook, merge_from: Optional[LeadState],
+          out: Optional[list], new_id: bool = False) -> None:
+    """The fold of one event into an existing ``state``; derived events are appended to ``out`` unless None.
+    ``new_id``: the caller knows the event id is new to this subject (the Ledger's global dedupe): skip the check.
+
+    One function on purpose (the hot path of the backtest and the processor): engagement bookkeeping and the
+    evaluation are inlined; the rare steps (stage moves, intents, joins, explanations) are helpers.
+    """
+    eid = event["event_id"]
     seen = state.seen
-    if eid in seen or eid in state.seen_old:
-        return state, []
+    if not new_id and (eid in seen or eid in state.seen_old):
+        return
     if merge_from is not None:
         merge(state, merge_from, book)
         seen = state.seen
@@ -363,7 +390,6 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
         state.seen_old = seen
         state.seen = seen = {}
     seen[eid] = None
-    out: Optional[list] = [] if emit else None
     state.seq += 1
     etype = event["type"]
     occ_s = event["occurred_at"]
@@ -377,7 +403,8 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
         rs_now = single if t >= single.eff else None
     else:
         rs_now = book.in_force(t)
-    if not state.anonymous and state.stage == "anonymous":
+    anonymous = state.anonymous
+    if not anonymous and state.stage == "anonymous":
         _transition(state, "known", rs_now, eid, "identified", None, out, occ)
     email = event.get("email")
     if email and email != state._er:
@@ -385,48 +412,59 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
         state.email = normalise_email(email)
     payload = event.get("payload")
     if payload is None:
-        payload = {}
-    if etype == "form_submitted" or etype == "attribute_updated":
-        ra = event.get("received_at") or occ_s
-        _set_attrs(state, payload.get("fields" if etype == "form_submitted" else "attributes"), ra, eid)
-    elif etype == "call_logged":
-        if _qualified(payload.get("qualification")):
-            state.qualified = True
-    elif etype == "stage_changed":
-        _stage_changed(state, event, payload, rs_now, out, occ)
+        payload = _NO_PAYLOAD
+    if etype in _SPECIAL:
+        if etype == "form_submitted" or etype == "attribute_updated":
+            ra = event.get("received_at") or occ_s
+            _set_attrs(state, payload.get("fields" if etype == "form_submitted" else "attributes"), ra, eid)
+        elif etype == "call_logged":
+            if _qualified(payload.get("qualification")):
+                state.qualified = True
+        else:
+            _stage_changed(state, event, payload, rs_now, out, occ)
+    aggs = state.aggs
 
-    # intent alerts: a `then` event pairs with earlier-arrived `first` events (rule set in force at t)
-    if rs_now is not None and not state.anonymous:
-        thens = rs_now.intent_then.get(etype)
-        if thens:
-            ag = state.aggs.get(rs_now.version)
+    # the rules this event matches, per rule set of the book (memoised on the compiled rule sets)
+    if single is not None:
+        plan = single.plan.get(etype)
+        work = single.match(plan, event, payload) if plan is not None else ()
+    else:
+        work = []
+        for rs in book.sets:
+            plan = rs.plan.get(etype)
+            if plan is not None:
+                work += rs.match(plan, event, payload)
+
+    for rs, entries, firsts, thens in work:
+        # intent alerts: a `then` event pairs with earlier-arrived `first` events (rule set in force at t)
+        if thens is not None and rs is rs_now and not anonymous:
+            ag = aggs.get(rs.version)
             if ag is not None and ag.pending:
-                _fire_intents(state, event, payload, rs_now, thens, occ, out, book)
-
+                _fire_intents(state, event, rs, thens, occ, out, book)
     # engagement and intent `first` events, for every rule set of the book
-    for rs in book.sets:
-        entries = rs.dispatch.get(etype)
-        firsts = rs.intent_first.get(etype)
+    day = None           # UTC day of occurred_at (and received_at), computed for the first capped rule
+    ra = None
+    for rs, entries, firsts, thens in work:
         if entries is None and firsts is None:
             continue
-        agg = state.aggs.get(rs.version)
+        agg = aggs.get(rs.version)
         if agg is None:
-            agg = state.aggs[rs.version] = Agg(len(rs.eng_rules))
+            agg = aggs[rs.version] = Agg(rs.n_eng)
         if entries is not None:
             w = -1.0
             h_s = rs.h_s
-            for ri, pts, cap, _conds, nlp, match in entries:
-                if match is not None and not match(event, payload):
-                    continue
+            for ri, pts, cap, nlp in entries:
                 displaced = None
                 if cap is not None:
                     if cap == 0:
                         continue
-                    bk = (ri, int(occ // 86400.0))
+                    if day is None:
+                        day = int(occ // 86400.0)
+                        ra = event.get("received_at") or occ_s
+                    bk = (ri, day)
                     b = agg.buckets.get(bk)
-                    ra = event.get("received_at") or occ_s
                     if b is None:
-                        b = agg.buckets[bk] = []
+                        agg.buckets[bk] = [(ra, eid, occ)]
                     elif len(b) >= cap:
                         # The first N by (received_at, event_id) count: within one partition that is arrival
                         # order; an anonymous history reaching its lead late (another partition) merges by
@@ -435,48 +473,130 @@ def fold(state: Optional[LeadState], event: dict, book: RuleBook, *, merge_from:
                         if (ra, eid) >= (displaced[0], displaced[1]):
                             continue
                         b.remove(displaced)
-                    b.append((ra, eid, occ))
+                        b.append((ra, eid, occ))
+                    else:
+                        b.append((ra, eid, occ))
                 if w < 0.0:
                     A = agg.A
+                    f = None     # 0.5^((t − A)/h): the decay since the total's anchor, shared with rules anchored at A
                     if A != t:
                         if A is not None and agg.total != 0.0:
-                            agg.total *= 2.0 ** ((A - t) / h_s)
+                            f = 2.0 ** ((A - t) / h_s)
+                            agg.total *= f
                         agg.A = t
                     w = 1.0 if occ == t else 2.0 ** ((occ - t) / h_s)
                     sums = agg.sums
                     anch = agg.anch
+                    counts = agg.counts
                 c = pts * w
+                s = sums[ri]
                 if anch[ri] != t:
-                    sums[ri] = sums[ri] * 2.0 ** ((anch[ri] - t) / h_s) if sums[ri] != 0.0 else 0.0
+                    if s != 0.0:
+                        s *= f if f is not None and anch[ri] == A else 2.0 ** ((anch[ri] - t) / h_s)
+                    else:
+                        s = 0.0
                     anch[ri] = t
-                sums[ri] += c
-                agg.counts[ri] += 1
+                sums[ri] = s + c
+                counts[ri] += 1
                 agg.total += c
                 if displaced is not None:
                     d = pts * (1.0 if displaced[2] == t else 2.0 ** ((displaced[2] - t) / h_s))
                     sums[ri] -= d
-                    agg.counts[ri] -= 1
+                    counts[ri] -= 1
                     agg.total -= d
                     agg.top = [x for x in agg.top if x[1] != displaced[1] or x[2] != ri]
                 if nlp is not None:
                     top = agg.top
                     k = nlp - occ / h_s
-                    if len(top) < TOP_K or k <= top[-1][0]:
-                        bisect.insort(top, (k, eid, ri, occ))
+                    if len(top) < TOP_K:
+                        _insort(top, (k, eid, ri, occ))
+                    elif k <= top[-1][0]:
+                        _insort(top, (k, eid, ri, occ))
                         if len(top) > TOP_K:
                             top.pop()
         if firsts is not None:
+            pending = agg.pending
             for a in firsts:
-                if a[7] is None or a[7](event, payload):
-                    p = agg.pending.get(a[0])
-                    if p is None:
-                        p = agg.pending[a[0]] = []
-                    bisect.insort(p, (occ, eid))
-                    if len(p) > MAX_PENDING:
-                        del p[0]
+                p = pending.get(a[0])
+                if p is None:
+                    p = pending[a[0]] = []
+                _insort(p, (occ, eid))
+                if len(p) > MAX_PENDING:
+                    del p[0]
 
-    _evaluate(state, rs_now, eid, out)
-    return state, (out if out is not None else [])
+    # evaluation at t under the rule set in force: scores, known<->lead, MQL + hand-off, lead_scored
+    if rs_now is None:
+        fit: Union[int, float] = 0
+        eng = 0.0
+    else:
+        fit = state._fit_v if state._fit_rs is rs_now else _fit(state, rs_now)[2]
+        agg = aggs.get(rs_now.version)
+        if agg is None or agg.A is None:
+            eng = 0.0
+        elif agg.A == t:
+            eng = agg.total
+        else:  # valued at the last contribution's t; decayed here without storing (no compounding)
+            eng = agg.total * 2.0 ** ((agg.A - t) / rs_now.h_s)
+    fit_before = state.fit
+    eng_before = state.eng
+    state.fit = fit
+    state.eng = eng
+    state.version = rs_now.version if rs_now is not None else None
+    if anonymous:
+        return
+    if out is not None and (fit != fit_before or eng != eng_before):
+        d = _base(state, "lead_scored", rs_now, eid)
+        d["event_id"] = f"{state.key}:scored:{state.seq}"
+        d["fit"] = fit
+        d["engagement"] = eng
+        d["score"] = fit + eng
+        d["fit_before"] = fit_before
+        d["engagement_before"] = eng_before
+        d["explanation"] = explain(state, rs_now)
+        out.append(d)
+    stage = state.stage
+    if stage == "known" or stage == "lead":
+        lead_attrs = rs_now.lead_attributes if rs_now is not None else DEFAULT_LEAD_ATTRIBUTES
+        c = state._cmp
+        if c is not None and c[0] == state.rev and c[1] is lead_attrs:
+            complete = c[2]
+        else:
+            vals = state.vals
+            complete = True
+            for a in lead_attrs:
+                if a not in vals:
+                    complete = False
+                    break
+            state._cmp = (state.rev, lead_attrs, complete)
+        if complete:
+            if stage == "known":
+                _transition(state, "lead", rs_now, eid, "attributes complete", None, out, t)
+        elif stage == "lead":
+            _transition(state, "known", rs_now, eid, "attributes incomplete", None, out, t)
+    elif stage != "recycled" or rs_now is None or state.recycled_at is None \
+            or t - state.recycled_at < rs_now.cooldown_s:
+        return
+    if rs_now is None or fit < rs_now.min_fit or eng < rs_now.min_engagement:
+        return
+    vals = state.vals
+    for a in rs_now.required_attributes:
+        if a not in vals:
+            return
+    if rs_now.require_qualification and not state.qualified:
+        return
+    _transition(state, "mql", rs_now, eid, "mql criteria met", None, out, t)
+    state.handoffs += 1
+    if out is not None:
+        d = _base(state, "lead_handed_off", rs_now, eid)
+        d["event_id"] = f"{state.key}:handoff:{state.handoffs}"
+        d["episode"] = state.handoffs
+        d["fit"] = fit
+        d["engagement"] = eng
+        d["score"] = fit + eng
+        d["explanation"] = explain(state, rs_now)
+        d["top_touchpoints"] = top_touchpoints(state, rs_now)
+        d["attributes"] = dict(state.vals)
+        out.append(d)
 
 
 def _occ_of(x: tuple) -> float:
@@ -537,8 +657,9 @@ def _stage_changed(state: LeadState, event: dict, payload: dict, rs: Optional[Co
         out.append(d)
 
 
-def _fire_intents(state: LeadState, event: dict, payload: dict, rs: CompiledRuleSet, thens: tuple, occ: float,
+def _fire_intents(state: LeadState, event: dict, rs: CompiledRuleSet, thens: list, occ: float,
                   out: Optional[list], book: RuleBook) -> None:
+    """Fire the intent rules ``thens`` of ``rs`` (whose `then` conditions hold on ``event``)."""
     agg = state.aggs.get(rs.version)
     if agg is None:
         return
@@ -546,8 +667,6 @@ def _fire_intents(state: LeadState, event: dict, payload: dict, rs: CompiledRule
     for a in thens:
         pend = agg.pending.get(a[0])
         if not pend:
-            continue
-        if a[7] is not None and not a[7](event, payload):
             continue
         within = a[6]
         # candidates by bisection (a second wider), then the exact test 0 <= then.occ - first.occ <= within
@@ -629,88 +748,6 @@ def top_touchpoints(state: LeadState, rs: Optional[CompiledRuleSet]) -> list[dic
     return out
 
 
-def _evaluate(state: LeadState, rs: Optional[CompiledRuleSet], cause: str, out: Optional[list]) -> None:
-    """Evaluate at t under ``rs``: scores, known<->lead, MQL + hand-off, lead_scored."""
-    if rs is None:
-        fit: Union[int, float] = 0
-        eng = 0.0
-        lead_attrs: tuple = DEFAULT_LEAD_ATTRIBUTES
-    else:
-        c = state._fitc
-        fit = c[2] if c is not None and c[0] is rs and c[1] == state.rev else _fit(state, rs)[2]
-        agg = state.aggs.get(rs.version)
-        if agg is None or agg.A is None:
-            eng = 0.0
-        elif agg.A == state.t:
-            eng = agg.total
-        else:  # valued at the last contribution's t; decayed here without storing (no compounding)
-            eng = agg.total * 2.0 ** ((agg.A - state.t) / rs.h_s)
-        lead_attrs = rs.lead_attributes
-    fit_before, eng_before = state.fit, state.eng
-    state.fit = fit
-    state.eng = eng
-    state.version = rs.version if rs is not None else None
-    if state.anonymous:
-        return
-    if out is not None and (fit != fit_before or eng != eng_before):
-        d = _base(state, "lead_scored", rs, cause)
-        d["event_id"] = f"{state.key}:scored:{state.seq}"
-        d["fit"] = fit
-        d["engagement"] = eng
-        d["score"] = fit + eng
-        d["fit_before"] = fit_before
-        d["engagement_before"] = eng_before
-        d["explanation"] = explain(state, rs)
-        out.append(d)
-    stage = state.stage
-    if stage == "known" or stage == "lead":
-        c = state._cmp
-        if c is not None and c[0] == state.rev and c[1] is lead_attrs:
-            complete = c[2]
-        else:
-            vals = state.vals
-            complete = True
-            for a in lead_attrs:
-                if a not in vals:
-                    complete = False
-                    break
-            state._cmp = (state.rev, lead_attrs, complete)
-        target = "lead" if complete else "known"
-        if target != stage:
-            _transition(state, target, rs, cause, "attributes complete" if complete else "attributes incomplete",
-                        None, out, state.t)
-            stage = target
-    if rs is None:
-        return
-    if stage == "known" or stage == "lead":
-        pass
-    elif stage == "recycled" and state.recycled_at is not None and state.t - state.recycled_at >= rs.cooldown_s:
-        pass
-    else:
-        return
-    if fit < rs.min_fit or eng < rs.min_engagement:
-        return
-    vals = state.vals
-    for a in rs.required_attributes:
-        if a not in vals:
-            return
-    if rs.require_qualification and not state.qualified:
-        return
-    _transition(state, "mql", rs, cause, "mql criteria met", None, out, state.t)
-    state.handoffs += 1
-    if out is not None:
-        d = _base(state, "lead_handed_off", rs, cause)
-        d["event_id"] = f"{state.key}:handoff:{state.handoffs}"
-        d["episode"] = state.handoffs
-        d["fit"] = fit
-        d["engagement"] = eng
-        d["score"] = fit + eng
-        d["explanation"] = explain(state, rs)
-        d["top_touchpoints"] = top_touchpoints(state, rs)
-        d["attributes"] = dict(state.vals)
-        out.append(d)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # identity: joining an anonymous history to a lead
 
@@ -736,6 +773,7 @@ def merge(lead: LeadState, anon: LeadState, book: RuleBook) -> LeadState:
     lead.vals = {k: v[0] for k, v in lead.attrs.items() if v[0] is not None}
     lead.rev += 1
     lead._fitc = None
+    lead._fit_rs = None
     if lead.email is None:
         lead.email = anon.email
     lead.qualified = lead.qualified or anon.qualified
@@ -821,7 +859,7 @@ class Identity:
 class Ledger:
     """The fold of a whole log in arrival order, in memory: global dedupe by event_id, identity routing, joins."""
 
-    __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit")
+    __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit", "_keys")
 
     def __init__(self, book: RuleBook, emit: bool = False):
         self.book = book
@@ -831,37 +869,56 @@ class Ledger:
         self.seen: set[str] = set()
         self.duplicates = 0
         self.emit = emit
+        self._keys: dict[str, str] = {}     # envelope email -> normalised lead key (cache of normalise_email)
 
     def apply(self, ev: dict) -> list[dict]:
         eid = ev["event_id"]
-        if eid in self.seen:
+        seen = self.seen
+        if eid in seen:
             self.duplicates += 1
             return []
         lid = ev.get("lead_id")
         if not lid:
             email = ev.get("email")
             aid = ev.get("anonymous_id")
-            if not email and aid and isinstance(aid, str):  # the common anonymous-only case, without lookups
-                key = self.identity.anon_to_lead.get(aid)
-                if key is None:
-                    key, anonymous, join = aid, True, None
+            if not email:
+                if aid and isinstance(aid, str):  # the common anonymous-only case, without lookups
+                    key = self.identity.anon_to_lead.get(aid)
+                    if key is None:
+                        key, anonymous, join = aid, True, None
+                    else:
+                        anonymous, join = False, None
                 else:
-                    anonymous, join = False, None
+                    key, anonymous, join = self.identity.route(ev)
+            elif not aid and type(email) is str:  # a lead's own event keyed by email: no identity change
+                key = self._keys.get(email)
+                if key is None:
+                    key = normalise_email(email)
+                    if key is None:
+                        key, anonymous, join = self.identity.route(ev)  # blank email: the routing error
+                    else:
+                        self._keys[email] = key
+                anonymous, join = False, None
             else:
                 key, anonymous, join = self.identity.route(ev)
         else:
             key, anonymous, join = self.identity.route(ev)
-        self.seen.add(eid)
+        seen.add(eid)
+        if self.emit:
+            out: Optional[list] = []
+        else:
+            out = None
         if anonymous:
             st = self.anons.get(key)
             if st is None:
                 st = self.anons[key] = LeadState(key, True)
-            return fold(st, ev, self.book, emit=self.emit)[1]
-        st = self.leads.get(key)
-        if st is None:
-            st = self.leads[key] = LeadState(key, False)
-        src = self.anons.pop(join, None) if join is not None else None
-        return fold(st, ev, self.book, merge_from=src, emit=self.emit)[1]
+            _fold(st, ev, self.book, None, out, True)
+        else:
+            st = self.leads.get(key)
+            if st is None:
+                st = self.leads[key] = LeadState(key, False)
+            _fold(st, ev, self.book, self.anons.pop(join, None) if join is not None else None, out, True)
+        return out if out is not None else []
 
     def states(self) -> list[LeadState]:
         """Every subject (leads and not-yet-joined anonymous visitors), sorted by subject key."""

@@ -442,6 +442,24 @@ def conditions_hold(conds: Optional[tuple], ev: dict, payload: dict) -> bool:
     return True
 
 
+#: bound of each per-(rule set, event type) memo of matched rules (cleared when full)
+MATCH_CACHE_MAX = 4096
+
+
+def _plan_key(conds_list: list) -> tuple[int, Optional[str]]:
+    """How the rules of one event type read the event: (0, None) no condition at all; (1, key) only conditions on
+    the one payload field ``key`` (so the matched rules are a function of its value); (2, None) anything else."""
+    key = None
+    for conds in conds_list:
+        if conds is None:
+            continue
+        for where, k, _kind, _needles in conds:
+            if where != "p" or (key is not None and k != key):
+                return 2, None
+            key = k
+    return (0, None) if key is None else (1, key)
+
+
 def _num(x: float) -> Union[int, float]:
     return int(x) if float(x).is_integer() else x
 
@@ -452,7 +470,7 @@ class CompiledRuleSet:
     __slots__ = ("model", "version", "effective_from", "eff", "h_s", "half_life_days", "eng_rules", "dispatch",
                  "capped", "fit_rules", "lead_attributes", "min_fit", "min_engagement", "required_attributes",
                  "require_qualification", "cooldown_s", "intents", "intent_by_name", "intent_first", "intent_then",
-                 "transitions")
+                 "transitions", "plan", "n_eng")
 
     def __init__(self, rs: RuleSet):
         self.model = rs
@@ -514,6 +532,47 @@ class CompiledRuleSet:
             self.transitions = {k: tuple(v) for k, v in rs.stages.transitions.items()}
         else:
             self.transitions = DEFAULT_TRANSITIONS
+        self.n_eng = len(eng)
+        # The fold's per-event plan: event type -> (mode, key, memo), see ``match``. An event type absent from the
+        # plan touches no aggregate of this rule set.
+        plan = {}
+        for et in sorted(set(self.dispatch) | set(self.intent_first) | set(self.intent_then)):
+            conds = [e[3] for e in self.dispatch.get(et, ())] + [a[3] for a in self.intent_first.get(et, ())] \
+                + [a[5] for a in self.intent_then.get(et, ())]
+            mode, key = _plan_key(conds)
+            plan[et] = [mode, key, {}, et]
+            if mode == 0:
+                plan[et][2] = self._match(et, {}, {})
+        self.plan = plan
+
+    def _match(self, etype: str, event: dict, payload: dict) -> tuple:
+        """``((self, entries, firsts, thens),)``: the rules of ``etype`` whose conditions hold on the event.
+        entries: ``(rule index, points, cap or None, -log2(points) or None)`` of the engagement rules, firsts/thens:
+        the intent rules whose `first`/`then` conditions hold; each None when empty."""
+        entries = tuple((ri, pts, cap, nlp) for ri, pts, cap, conds, nlp, _m in self.dispatch.get(etype, ())
+                        if conditions_hold(conds, event, payload))
+        firsts = tuple(a for a in self.intent_first.get(etype, ()) if conditions_hold(a[3], event, payload))
+        thens = tuple(a for a in self.intent_then.get(etype, ()) if conditions_hold(a[5], event, payload))
+        return ((self, entries or None, firsts or None, thens or None),)
+
+    def match(self, plan: list, event: dict, payload: dict) -> tuple:
+        """The matched rules of ``event`` (see ``_match``), memoised by the value of the one payload field the
+        conditions of its type read (plan mode 1; string or null values only, as other JSON values of equal hash
+        may fold to different strings); mode 0 has no condition, mode 2 is evaluated every time."""
+        mode = plan[0]
+        if mode == 0:
+            return plan[2]
+        if mode == 1:
+            v = payload.get(plan[1])
+            if v is None or type(v) is str:
+                memo = plan[2]
+                m = memo.get(v)
+                if m is None:
+                    if len(memo) >= MATCH_CACHE_MAX:
+                        memo.clear()
+                    m = memo[v] = self._match(plan[3], event, payload)
+                return m
+        return self._match(plan[3], event, payload)
 
     def fit_matches(self, attrs: dict) -> list[tuple[str, str, Union[int, float]]]:
         """[(rule name, attribute, points)] of the fit rules that hold on ``attrs`` (name -> present value)."""
