@@ -151,7 +151,7 @@ def kafka_pid(cfg: InfraConfig) -> int | None:
         return None
 
 
-def kafka_up(cfg: InfraConfig, timeout_s: float = 90) -> None:
+def kafka_up(cfg: InfraConfig, timeout_s: float = 240) -> None:
     if kafka_pid(cfg) and port_open(cfg.kafka_port):
         log(f"kafka already running on {cfg.bootstrap}")
         return
@@ -173,10 +173,27 @@ def kafka_up(cfg: InfraConfig, timeout_s: float = 90) -> None:
                             start_new_session=True)
     (cfg.kafka_dir / "kafka.pid").write_text(str(proc.pid))
     log(f"kafka starting (pid {proc.pid}) on {cfg.bootstrap}")
-    wait_until(lambda: proc.poll() is not None or _broker_answers(cfg), timeout_s, "the Kafka broker")
+    try:
+        wait_until(lambda: proc.poll() is not None or _broker_answers(cfg), timeout_s, "the Kafka broker")
+    except TimeoutError:
+        _print_broker_log(cfg)
+        raise
     if proc.poll() is not None:
-        raise RuntimeError(f"kafka exited with {proc.returncode}; see {cfg.kafka_dir / 'logs' / 'stdout.log'}")
+        _print_broker_log(cfg)
+        raise RuntimeError(f"kafka exited with {proc.returncode}; see {cfg.kafka_dir / 'logs'}")
     log("kafka is up")
+
+
+def _print_broker_log(cfg: InfraConfig, lines: int = 40) -> None:
+    """What the on-call engineer needs first when the broker does not come up: the tail of its own log."""
+    partitions = sum(1 for _ in (cfg.kafka_dir / "data").glob("*-[0-9]*"))
+    log(f"the broker's data dir {cfg.kafka_dir / 'data'} holds {partitions} partition directories "
+        "(a large number slows start-up; `leadledger infra reset` starts empty)")
+    for name in ("server.log", "stdout.log"):
+        path = cfg.kafka_dir / "logs" / name
+        if path.exists():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            log(f"last {len(tail)} lines of {path}:\n" + "\n".join(tail))
 
 
 def _broker_answers(cfg: InfraConfig) -> bool:
@@ -286,6 +303,15 @@ def down(cfg: InfraConfig | None = None, kafka: bool = True, postgres: bool = Tr
         kafka_down(cfg)
     if postgres:
         pg_down(cfg)
+
+
+def reset(cfg: InfraConfig | None = None) -> None:
+    """Stop both servers and delete their data: the next `up` starts with an empty broker and database."""
+    cfg = cfg or InfraConfig.from_env()
+    down(cfg)
+    shutil.rmtree(cfg.kafka_dir, ignore_errors=True)
+    shutil.rmtree(cfg.pg_data, ignore_errors=True)
+    log(f"deleted {cfg.kafka_dir} and {cfg.pg_data}")
 
 
 def status(cfg: InfraConfig | None = None) -> dict[str, object]:

@@ -42,7 +42,8 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
 
 def _infra(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="leadledger infra", description="the local Kafka broker and PostgreSQL")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("action", choices=["up", "down", "status", "reset"],
+                   help="reset stops both servers and deletes their data")
     p.add_argument("--only", choices=["kafka", "postgres"], help="act on one of the two only")
     a = p.parse_args(argv)
     from deploy import infra
@@ -61,6 +62,8 @@ def _infra(argv: list[str]) -> int:
             asyncio.run(ensure_topics(cfg.bootstrap, s.topics.all(), s.partitions))
     elif a.action == "down":
         infra.down(kafka=kafka, postgres=postgres)
+    elif a.action == "reset":
+        infra.reset()
     else:
         print(json.dumps(infra.status(), indent=2, default=str))
     return 0
