@@ -81,12 +81,16 @@ leads = sa.Table(
     sa.Column("handoffs", sa.Integer, nullable=False, server_default="0"),
     sa.Column("score_seq", sa.Integer),
     sa.Column("stage_seq", sa.Integer),
-    sa.Index("ix_leads_stage", "stage"),
     sa.Index("ix_leads_first_touch_at", "first_touch_at"),
     # revision 0002
     sa.Index("ix_leads_score_lead", "score", "lead"),
     sa.Index("ix_leads_updated_at_lead", "updated_at", "lead"),
     sa.Index("ix_leads_mql_at_lead", "mql_at", "lead"),
+    # revision 0004: keyset pages of one stage / one owner without walking past the others (ix_leads_stage of 0001
+    # is dropped: the stage-first indexes serve its lookups)
+    sa.Index("ix_leads_stage_score_lead", "stage", "score", "lead"),
+    sa.Index("ix_leads_stage_updated_at_lead", "stage", "updated_at", "lead"),
+    sa.Index("ix_leads_owner_score_lead", "owner", "score", "lead"),
 )
 
 lead_stage_history = sa.Table(
@@ -167,7 +171,63 @@ projector_offsets = sa.Table(
     sa.Column("next_offset", sa.BigInteger, nullable=False),
 )
 
-TABLES = (leads, lead_stage_history, lead_score_history, handoffs, touchpoint_archive, projector_offsets)
+# revision 0004: the funnel, maintained by the projector so ``GET /v1/funnel`` reads a few aggregates instead of
+# every stage transition (the numbers are those of the transitions; docs/projections.md)
+
+#: funnel_durations.metric values: a completed stay in a stage (``stage`` = that stage), and per lead the days from
+#: first touch to the first MQL / won, and from the first MQL / SQL to the first won (``stage`` = '')
+DURATION_METRICS = ("stay", "touch_mql", "touch_won", "mql_won", "sql_won")
+
+funnel_leads = sa.Table(
+    "funnel_leads", metadata,
+    sa.Column("lead", sa.String(255), primary_key=True),
+    sa.Column("bucket", sa.String(600), nullable=False),   # JSON [day, source, campaign]: the funnel_daily row
+    sa.Column("day", sa.Date),                             # UTC date of the first touch
+    sa.Column("source", sa.String(64)),
+    sa.Column("campaign", sa.String(255)),
+    sa.Column("cohort", sa.String(7)),
+    sa.Column("first_touch_at", UTCDateTime()),
+    *[sa.Column(f"at_{s}", UTCDateTime()) for s in STAGES],   # first entry into each stage
+)
+
+funnel_durations = sa.Table(
+    "funnel_durations", metadata,
+    sa.Column("lead", sa.String(255), primary_key=True),
+    sa.Column("metric", sa.String(16), primary_key=True),
+    sa.Column("key", sa.String(512), primary_key=True),    # stay: the transition's event id; others: the lead
+    sa.Column("stage", sa.String(32), nullable=False),
+    sa.Column("bucket", sa.String(600), nullable=False),
+    sa.Column("day", sa.Date),
+    sa.Column("source", sa.String(64)),
+    sa.Column("campaign", sa.String(255)),
+    sa.Column("cohort", sa.String(7)),
+    sa.Column("days", sa.Float, nullable=False),
+    # the k-th smallest of a group without sorting it (medians): one ordered index per grouping
+    sa.Index("ix_funnel_durations_all", "metric", "stage", "days", postgresql_include=["day"]),
+    sa.Index("ix_funnel_durations_source", "metric", "stage", "source", "days", postgresql_include=["day"]),
+    sa.Index("ix_funnel_durations_campaign", "metric", "stage", "campaign", "days", postgresql_include=["day"]),
+    sa.Index("ix_funnel_durations_cohort", "metric", "stage", "cohort", "days", postgresql_include=["day"]),
+)
+
+FUNNEL_PAIRS = tuple(zip(FUNNEL_PATH, FUNNEL_PATH[1:]))
+
+funnel_daily = sa.Table(
+    "funnel_daily", metadata,
+    sa.Column("bucket", sa.String(600), primary_key=True),
+    sa.Column("day", sa.Date),
+    sa.Column("source", sa.String(64)),
+    sa.Column("campaign", sa.String(255)),
+    sa.Column("cohort", sa.String(7)),
+    sa.Column("leads", sa.Integer, nullable=False),
+    *[sa.Column(f"reached_{s}", sa.Integer, nullable=False) for s in STAGES],
+    *[sa.Column(f"conv_{a}_{b}", sa.Integer, nullable=False) for a, b in FUNNEL_PAIRS],
+    *[sa.Column(f"n_stay_{s}", sa.Integer, nullable=False) for s in STAGES],
+    *[sa.Column(f"n_{m}", sa.Integer, nullable=False) for m in DURATION_METRICS[1:]],
+    sa.Index("ix_funnel_daily_day", "day"),
+)
+
+TABLES = (leads, lead_stage_history, lead_score_history, handoffs, touchpoint_archive, projector_offsets,
+          funnel_leads, funnel_durations, funnel_daily)
 #: SQL views, created by revision 0001 (plain SQL valid on SQLite and PostgreSQL)
 VIEWS = ("funnel_conversion", "funnel_transitions")
 

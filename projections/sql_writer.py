@@ -25,8 +25,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from projections.audit_chain import archive_id, link
 from projections.lead_log import RESOLVE_TYPE
-from projections.sql_schema import (UTCDateTime, handoffs, lead_score_history, lead_stage_history, leads,
-                                    projector_offsets, touchpoint_archive)
+from projections.sql_schema import (DURATION_METRICS, FUNNEL_PAIRS, STAGES, UTCDateTime, funnel_daily,
+                                    funnel_durations, funnel_leads, handoffs, lead_score_history,
+                                    lead_stage_history, leads, projector_offsets, touchpoint_archive)
 
 _fromiso = datetime.fromisoformat
 
@@ -104,8 +105,9 @@ def _key_parts(conn: sa.Connection, keys: Iterable[Any]) -> Iterator[list]:
 
 
 def _in(conn: sa.Connection, col: sa.Column, part: Sequence[Any]) -> Any:
-    if _is_pg(conn):
-        return col == sa.any_(sa.bindparam(None, list(part), type_=postgresql.ARRAY(col.type), unique=True))
+    if _is_pg(conn):   # one JSON parameter (psycopg adapts a list element by element, escaping each in Python)
+        keys = sa.bindparam(None, orjson.dumps(list(part)).decode(), type_=sa.Text, unique=True)
+        return col.in_(sa.select(sa.func.json_array_elements_text(sa.cast(keys, postgresql.JSON))))
     return col.in_(part)
 
 
@@ -121,6 +123,8 @@ def _pg_type(col: sa.Column) -> str:
         return "jsonb"
     if isinstance(t, UTCDateTime):
         return "timestamptz"
+    if isinstance(t, sa.Date):
+        return "date"
     if isinstance(t, sa.Float):
         return "float8"
     if isinstance(t, sa.BigInteger):
@@ -152,31 +156,36 @@ def _pg_recordset(conn: sa.Connection, table: sa.Table, cols: Sequence[str], row
     return exprs, f"ROWS FROM ({srfs}) AS x({', '.join(q(c) for c in cols)})", params
 
 
-def _pg_insert_sql(conn: sa.Connection, table: sa.Table, rows: list[dict],
-                   update_key: str | None) -> tuple[str, dict] | None:
+def _pg_insert_sql(conn: sa.Connection, table: sa.Table, rows: list[dict], update_key: str | tuple | None,
+                   add: Sequence[str] = ()) -> tuple[str, dict] | None:
     """The set-based INSERT of ``rows`` (see ``_insert_rows``), or None when they are not plain JSON."""
     cols = list(rows[0])
     rs = _pg_recordset(conn, table, cols, rows)
     if rs is None:
         return None
     q = conn.dialect.identifier_preparer.quote
+    t = q(table.name)
     exprs, source, params = rs
-    sql = f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in cols)}) SELECT {', '.join(exprs)} FROM {source} "
+    sql = f"INSERT INTO {t} ({', '.join(q(c) for c in cols)}) SELECT {', '.join(exprs)} FROM {source} "
     if update_key is None:
         sql += "ON CONFLICT DO NOTHING"
     else:
-        sql += (f"ON CONFLICT ({q(update_key)}) DO UPDATE SET "
-                + ", ".join(f"{q(c)} = EXCLUDED.{q(c)}" for c in cols if c != update_key))
+        keys = (update_key,) if isinstance(update_key, str) else tuple(update_key)
+        sql += (f"ON CONFLICT ({', '.join(q(k) for k in keys)}) DO UPDATE SET "
+                + ", ".join(f"{q(c)} = {t}.{q(c)} + EXCLUDED.{q(c)}" if c in add else f"{q(c)} = EXCLUDED.{q(c)}"
+                            for c in cols if c not in keys))
     return sql, params
 
 
-def _insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict], update_key: str | None = None) -> None:
+def _insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict], update_key: str | tuple | None = None,
+                 add: Sequence[str] = ()) -> None:
     """INSERT ``rows`` (dicts with the same keys, distinct primary keys); a row whose key exists is skipped, or with
-    ``update_key`` (an upsert) the existing row takes the new values."""
+    ``update_key`` (an upsert: the key column or columns) the existing row takes the new values, except the ``add``
+    columns, which are added to."""
     if not rows:
         return
     if _is_pg(conn):
-        st = _pg_insert_sql(conn, table, rows, update_key)
+        st = _pg_insert_sql(conn, table, rows, update_key, add)
         if st is not None:
             conn.exec_driver_sql(*st)
             return
@@ -185,8 +194,9 @@ def _insert_rows(conn: sa.Connection, table: sa.Table, rows: list[dict], update_
     if update_key is None:
         stmt = ins.on_conflict_do_nothing()
     else:
-        stmt = ins.on_conflict_do_update(index_elements=[update_key],
-                                         set_={c: ins.excluded[c] for c in cols if c != update_key})
+        keys = (update_key,) if isinstance(update_key, str) else tuple(update_key)
+        stmt = ins.on_conflict_do_update(index_elements=list(keys), set_={
+            c: table.c[c] + ins.excluded[c] if c in add else ins.excluded[c] for c in cols if c not in keys})
     conn.execute(stmt, rows)
 
 
@@ -324,7 +334,8 @@ def apply_batch(conn: sa.Connection, records: Iterable[dict]) -> dict[str, int]:
     if sales_leads:
         _fix_first_sales_touch(conn, sorted(sales_leads))
 
-    _update_leads(conn, tps, scored, staged, handed)
+    regrouped = _update_leads(conn, tps, scored, staged, handed)
+    _update_funnel(conn, regrouped | {r["lead"] for r in staged})
     return {"touchpoint_archive": archived, "lead_score_history": len(scored),
             "lead_stage_history": len(staged), "handoffs": len(handed)}
 
@@ -457,18 +468,20 @@ def _later(a: datetime | None, b: datetime | None) -> datetime | None:
 
 
 def _update_leads(conn: sa.Connection, tps: list[dict], scored: list[dict], staged: list[dict],
-                  handed: list[dict]) -> None:
+                  handed: list[dict]) -> set[str]:
+    """Update ``leads``; returns the leads whose funnel group (first touch, source, campaign) is new or changed."""
     keys = {r["lead"] for r in scored} | {r["lead"] for r in staged} | {r["lead"] for r in handed}
     for r in tps:
         key = touchpoint_lead(r)
         if not _is_anonymous(r, key):
             keys.add(key)
     if not keys:
-        return
+        return set()
     state: dict[str, dict] = {}
     for where in _key_filters(conn, leads.c.lead, sorted(keys)):
         for row in conn.execute(sa.select(leads).where(where)).mappings().all():
             state[row["lead"]] = dict(row)
+    before = {k: tuple(s[c] for c in _GROUP) for k, s in state.items()}
 
     def get(key: str, at: datetime) -> dict:
         if key not in state:
@@ -535,6 +548,174 @@ def _update_leads(conn: sa.Connection, tps: list[dict], scored: list[dict], stag
 
     # every touched lead, new or not, in one upsert of its final values for this batch
     _insert_rows(conn, leads, [{c: s[c] for c in _LEAD_COLS} for s in state.values()], update_key="lead")
+    return {k for k, s in state.items() if before.get(k) != tuple(s[c] for c in _GROUP)}
+
+
+# ---------------------------------------------------------------- the funnel (revision 0004)
+#
+# funnel_leads: per lead with a stage transition, its group (first touch day, source, campaign, cohort) and its
+# first entry into each stage; funnel_durations: the values the medians are taken of (each completed stay, and per
+# lead first touch -> MQL / won, MQL -> won, SQL -> won, in days); funnel_daily: per (day, source, campaign) bucket
+# the counts GET /v1/funnel sums. A lead is recomputed from its stored transitions and its leads row whenever one
+# of its transitions arrives or its first touch changes; only the rows that differ are written, and the buckets
+# it left or joined are adjusted by the difference of its counts. So the tables depend only on the stored history
+# and leads (never on batch boundaries or topic interleaving), and equal a recount (``rebuild_funnel``).
+
+#: the lead columns that place a lead in the funnel's groups
+_GROUP = ("first_touch_at", "first_source", "first_campaign", "cohort")
+_COUNTS = ("leads", *[f"reached_{s}" for s in STAGES], *[f"conv_{a}_{b}" for a, b in FUNNEL_PAIRS],
+           *[f"n_stay_{s}" for s in STAGES], *[f"n_{m}" for m in DURATION_METRICS[1:]])
+_STAGE_SET = frozenset(STAGES)
+
+
+def _days(a: datetime, b: datetime) -> float:
+    """Days from a to b, computed as the query API always has: timedelta seconds / 86400."""
+    return (b - a).total_seconds() / 86400.0
+
+
+def _bucket(day: Any, source: Any, campaign: Any) -> str:
+    return orjson.dumps([day.isoformat() if day is not None else None, source, campaign]).decode()
+
+
+def funnel_rows(lead: str, group: tuple, history: list[tuple]) -> tuple[dict, list[dict]]:
+    """(funnel_leads row, funnel_durations rows) of one lead from its group ``(first_touch_at, first_source,
+    first_campaign, cohort)`` and its transitions ``[(event_id, to_stage, at, left_at)]``."""
+    ft, source, campaign, cohort = group
+    day = ft.astimezone(timezone.utc).date() if ft is not None else None
+    bucket = _bucket(day, source, campaign)
+    first: dict[str, datetime] = {}
+    for _eid, stage, at, _left in history:
+        if stage not in first or at < first[stage]:
+            first[stage] = at
+    base = {"lead": lead, "bucket": bucket, "day": day, "source": source, "campaign": campaign, "cohort": cohort}
+    row = {**base, "first_touch_at": ft, **{f"at_{s}": first.get(s) for s in STAGES}}
+    durs = [{**base, "metric": "stay", "key": eid, "stage": stage, "days": _days(at, left)}
+            for eid, stage, at, left in history if left is not None]
+    mql, won, sql_ = first.get("mql"), first.get("won"), first.get("sql")
+    for metric, a, b, cond in (("touch_mql", ft, mql, True), ("touch_won", ft, won, True),
+                               ("mql_won", mql, won, mql is not None and won is not None and won >= mql),
+                               ("sql_won", sql_, won, sql_ is not None and won is not None and won >= sql_)):
+        if a is not None and b is not None and cond:
+            durs.append({**base, "metric": metric, "key": lead, "stage": "", "days": _days(a, b)})
+    return row, durs
+
+
+def _counts(row: dict, durs: Iterable[dict]) -> dict[str, int]:
+    """A lead's share of its funnel_daily bucket."""
+    c = dict.fromkeys(_COUNTS, 0)
+    c["leads"] = 1
+    for s in STAGES:
+        if row[f"at_{s}"] is not None:
+            c[f"reached_{s}"] = 1
+    for a, b in FUNNEL_PAIRS:
+        ta, tb = row[f"at_{a}"], row[f"at_{b}"]
+        if ta is not None and tb is not None and tb >= ta:
+            c[f"conv_{a}_{b}"] = 1
+    for d in durs:
+        if d["metric"] != "stay":
+            c[f"n_{d['metric']}"] += 1
+        elif d["stage"] in _STAGE_SET:
+            c[f"n_stay_{d['stage']}"] += 1
+    return c
+
+
+def _add_counts(daily: dict[str, dict], row: dict, counts: dict[str, int], sign: int) -> None:
+    d = daily.get(row["bucket"])
+    if d is None:
+        d = daily[row["bucket"]] = {"bucket": row["bucket"], "day": row["day"], "source": row["source"],
+                                    "campaign": row["campaign"], "cohort": row["cohort"], **dict.fromkeys(_COUNTS, 0)}
+    for k, v in counts.items():
+        if v:
+            d[k] += sign * v
+
+
+_FL_COLS = [str(c.name) for c in funnel_leads.columns]
+_FD_COLS = [str(c.name) for c in funnel_durations.columns]
+
+
+def _update_funnel(conn: sa.Connection, touched: set[str]) -> None:
+    if not touched:
+        return
+    fl, fd, h = funnel_leads, funnel_durations, lead_stage_history
+    history: dict[str, list[tuple]] = {}
+    groups: dict[str, tuple] = {}
+    old_rows: dict[str, dict] = {}
+    old_durs: dict[str, dict[tuple, dict]] = {}
+    for part in _key_parts(conn, sorted(touched)):
+        for lead, eid, stage, at, left in conn.execute(
+                sa.select(h.c.lead, h.c.event_id, h.c.to_stage, h.c.at, h.c.left_at).where(_in(conn, h.c.lead, part))
+        ).all():
+            history.setdefault(lead, []).append((eid, stage, at, left))
+        for lead, *group in conn.execute(sa.select(leads.c.lead, *[leads.c[c] for c in _GROUP])
+                                         .where(_in(conn, leads.c.lead, part))).all():
+            groups[lead] = tuple(group)
+        for r in conn.execute(sa.select(fl).where(_in(conn, fl.c.lead, part))).mappings().all():
+            old_rows[r["lead"]] = {c: r[c] for c in _FL_COLS}
+        for r in conn.execute(sa.select(fd).where(_in(conn, fd.c.lead, part))).mappings().all():
+            old_durs.setdefault(r["lead"], {})[(r["metric"], r["key"])] = {c: r[c] for c in _FD_COLS}
+    rows, durs, gone = [], [], []
+    daily: dict[str, dict] = {}
+    for lead in sorted(history):
+        row, new = funnel_rows(lead, groups.get(lead, (None, None, None, None)), history[lead])
+        old_row, olds = old_rows.get(lead), old_durs.get(lead, {})
+        news = {(d["metric"], d["key"]): d for d in new}
+        if old_row != row:
+            rows.append(row)
+        durs += [d for k, d in news.items() if olds.get(k) != d]
+        gone += [(lead, m, k) for m, k in olds if (m, k) not in news]
+        if old_row is not None:
+            _add_counts(daily, old_row, _counts(old_row, olds.values()), -1)
+        _add_counts(daily, row, _counts(row, new), +1)
+    _insert_rows(conn, fl, rows, update_key="lead")
+    for lead, metric, key in gone:
+        conn.execute(fd.delete().where(fd.c.lead == lead, fd.c.metric == metric, fd.c.key == key))
+    _insert_rows(conn, fd, durs, update_key=("lead", "metric", "key"))
+    # in bucket order: two projectors adding to shared buckets lock them in the same order (no deadlock)
+    changed = sorted((d for d in daily.values() if any(d[k] for k in _COUNTS)), key=lambda d: d["bucket"])
+    _insert_rows(conn, funnel_daily, changed, update_key="bucket", add=_COUNTS)
+    emptied = sorted({d["bucket"] for d in changed if d["leads"] < 0})
+    for where in _key_filters(conn, funnel_daily.c.bucket, emptied):
+        conn.execute(funnel_daily.delete().where(where, funnel_daily.c.leads == 0))
+
+
+def rebuild_funnel(conn: sa.Connection, chunk: int = 5000) -> int:
+    """Recount the funnel tables from lead_stage_history and leads (revision 0004's backfill); returns the number
+    of leads in the funnel."""
+    fl, fd, h = funnel_leads, funnel_durations, lead_stage_history
+    for t in (funnel_daily, fd, fl):
+        conn.execute(t.delete())
+    last, total = None, 0
+    daily: dict[str, dict] = {}
+    while True:
+        q = sa.select(h.c.lead).distinct().order_by(h.c.lead).limit(chunk)
+        if last is not None:
+            q = q.where(h.c.lead > last)
+        part = list(conn.execute(q).scalars())
+        if not part:
+            break
+        last = part[-1]
+        history: dict[str, list[tuple]] = {}
+        for lead, eid, stage, at, left in conn.execute(
+                sa.select(h.c.lead, h.c.event_id, h.c.to_stage, h.c.at, h.c.left_at).where(_in(conn, h.c.lead, part))
+        ).all():
+            history.setdefault(lead, []).append((eid, stage, at, left))
+        groups = {lead: tuple(g) for lead, *g in conn.execute(
+            sa.select(leads.c.lead, *[leads.c[c] for c in _GROUP]).where(_in(conn, leads.c.lead, part))).all()}
+        rows, durs = [], []
+        for lead in part:
+            row, d = funnel_rows(lead, groups.get(lead, (None, None, None, None)), history[lead])
+            rows.append(row)
+            durs.extend(d)
+            _add_counts(daily, row, _counts(row, d), +1)
+        for i in range(0, len(rows), chunk):
+            _insert_rows(conn, fl, rows[i:i + chunk])
+        for i in range(0, len(durs), chunk):
+            _insert_rows(conn, fd, durs[i:i + chunk])
+        total += len(rows)
+    buckets = list(daily.values())
+    for i in range(0, len(buckets), chunk):
+        _insert_rows(conn, funnel_daily, buckets[i:i + chunk])
+    return total
 
 
 # ---------------------------------------------------------------- offsets
