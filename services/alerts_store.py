@@ -420,36 +420,83 @@ def _sla_metrics(rows: list[tuple], sla_s: float) -> dict:
             "median_s_to_first_touch": _median(ttft), "p90_s_to_first_touch": _p90(ttft)}
 
 
-def sla_section(conn: sa.Connection, group_by: Optional[str] = None, date_from: Optional[date] = None,
-                date_to: Optional[date] = None) -> dict:
-    """SLA figures for ``GET /v1/funnel``: hand-offs, time to first sales touch (median / p90 seconds, from the
-    ``handoffs`` projection), met / breached / open (the alerts service's event-time decision in ``alert_sla``
-    when it ran, else from the time to first touch), overall and per group of the funnel's grouping."""
+def _sla_source(conn: sa.Connection, group_by: Optional[str], date_from: Optional[date], date_to: Optional[date],
+                has_sla: bool) -> Any:
+    """``(g, secs, status)`` of every hand-off of the leads whose first touch falls in the range, as a subquery."""
     from projections.sql_schema import handoffs, leads
 
-    sla_s = _sla_minutes() * 60
-    has_sla = sa.inspect(conn).has_table("alert_sla")
     gcol = {"source": leads.c.first_source, "campaign": leads.c.first_campaign, "cohort": leads.c.cohort,
-            None: sa.literal(None)}[group_by]
-    cols = [gcol.label("g"), handoffs.c.time_to_first_touch_s]
+            None: sa.literal(None, sa.String)}[group_by]
+    cols = [gcol.label("g"), handoffs.c.time_to_first_touch_s.label("secs")]
     src = handoffs.join(leads, leads.c.lead == handoffs.c.lead)
     if has_sla:
-        cols.append(alert_sla.c.status)
+        cols.append(alert_sla.c.status.label("status"))
         src = src.outerjoin(alert_sla, alert_sla.c.handoff_event_id == handoffs.c.event_id)
     else:
-        cols.append(sa.literal(None))
+        cols.append(sa.literal(None, sa.String).label("status"))
     q = sa.select(*cols).select_from(src)
     if date_from is not None:
         q = q.where(leads.c.first_touch_at >= datetime.combine(date_from, time(), timezone.utc))
     if date_to is not None:
         q = q.where(leads.c.first_touch_at < datetime.combine(date_to + timedelta(days=1), time(), timezone.utc))
-    groups: dict[Any, list[tuple]] = {}
-    for g, secs, status in conn.execute(q):
-        groups.setdefault(g, []).append((secs, status))
-    allrows = [r for rs in groups.values() for r in rs]
-    out = {"sla_minutes": sla_s / 60, "source": "alert_sla" if has_sla else "handoffs",
-           **_sla_metrics(allrows, sla_s)}
+    return q.subquery("sla_src")
+
+
+def _sla_sql(conn: sa.Connection, src: Any, sla_s: float, grouped: bool) -> dict[Any, dict]:
+    """``{g: _sla_metrics of the group}`` (g None when not grouped), counted and ranked in SQL: the same numbers
+    as ``_sla_metrics`` over the rows, without reading them."""
+    g = src.c.g if grouped else sa.literal(None, sa.String)
+    secs, status = src.c.secs, src.c.status
+    breached = sa.or_(status == "breached", sa.and_(status.is_(None), secs.isnot(None), secs > sla_s))
+    met = sa.and_(sa.not_(sa.func.coalesce(breached, False)),
+                  sa.or_(status == "met", sa.and_(status.is_(None), secs.isnot(None))))
+    one = sa.literal(1)
+    counts = sa.select(g.label("g"), sa.func.count().label("n"), sa.func.count(secs).label("touched"),
+                       sa.func.coalesce(sa.func.sum(sa.case((breached, one), else_=0)), 0).label("breached"),
+                       sa.func.coalesce(sa.func.sum(sa.case((met, one), else_=0)), 0).label("met"))
+    if grouped:
+        counts = counts.group_by(g)
+    out: dict[Any, dict] = {}
+    for r in conn.execute(counts).mappings():
+        n = int(r["n"])
+        if not n:
+            continue
+        b, m = int(r["breached"]), int(r["met"])
+        out[r["g"]] = {"handoffs": n, "touched": int(r["touched"]), "met": m, "breached": b, "open": n - m - b,
+                       "breach_rate": round(b / n, 6), "median_s_to_first_touch": None,
+                       "p90_s_to_first_touch": None}
+    # the middle value(s) and the p90 rank of the times to first touch, per group (ranks as _median / _p90 take)
+    ranked = sa.select(g.label("g"), secs.label("secs"),
+                       sa.func.row_number().over(partition_by=g, order_by=secs).label("rn"),
+                       sa.func.count().over(partition_by=g).label("n")).where(secs.isnot(None)).subquery("r")
+    rows = conn.execute(sa.select(ranked.c.g, ranked.c.n, ranked.c.rn, ranked.c.secs).where(sa.or_(
+        ranked.c.rn == (ranked.c.n + 1) // 2, ranked.c.rn == ranked.c.n // 2 + 1,
+        ranked.c.rn == sa.cast(sa.func.floor(sa.cast(0.9, sa.Float) * (ranked.c.n - 1) + 0.5), sa.Integer) + 1)))
+    picked: dict[Any, dict[int, float]] = {}
+    sizes: dict[Any, int] = {}
+    for gv, n, rn, v in rows:
+        picked.setdefault(gv, {})[int(rn)] = v
+        sizes[gv] = int(n)
+    for gv, at in picked.items():
+        n = sizes[gv]
+        lo, hi = at[(n + 1) // 2], at[n // 2 + 1]
+        out[gv]["median_s_to_first_touch"] = round(lo if n % 2 else (lo + hi) / 2, 3)
+        out[gv]["p90_s_to_first_touch"] = round(at[min(n - 1, int(0.9 * (n - 1) + 0.5)) + 1], 3)
+    return out
+
+
+def sla_section(conn: sa.Connection, group_by: Optional[str] = None, date_from: Optional[date] = None,
+                date_to: Optional[date] = None) -> dict:
+    """SLA figures for ``GET /v1/funnel``: hand-offs, time to first sales touch (median / p90 seconds, from the
+    ``handoffs`` projection), met / breached / open (the alerts service's event-time decision in ``alert_sla``
+    when it ran, else from the time to first touch), overall and per group of the funnel's grouping. Counted and
+    ranked in SQL (``_sla_metrics`` is the definition)."""
+    sla_s = _sla_minutes() * 60
+    has_sla = sa.inspect(conn).has_table("alert_sla")
+    src = _sla_source(conn, group_by, date_from, date_to, has_sla)
+    overall = _sla_sql(conn, src, sla_s, False).get(None) or _sla_metrics([], sla_s)
+    out = {"sla_minutes": sla_s / 60, "source": "alert_sla" if has_sla else "handoffs", **overall}
     if group_by is not None:
-        out["groups"] = [{"group": g, **_sla_metrics(groups[g], sla_s)}
-                         for g in sorted(groups, key=lambda x: (x is None, str(x)))]
+        groups = _sla_sql(conn, src, sla_s, True)
+        out["groups"] = [{"group": g, **groups[g]} for g in sorted(groups, key=lambda x: (x is None, str(x)))]
     return out

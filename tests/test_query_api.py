@@ -279,3 +279,69 @@ def test_funnel_equals_the_computation_over_every_transition(db_url) -> None:
     finally:
         engine.dispose()
     assert dump(db_url, names) == kept
+
+
+def test_sla_section_in_sql_equals_the_python_definition(db_url) -> None:
+    """The funnel's SLA section, counted and ranked in SQL, equals _sla_metrics over the hand-off rows (odd and
+    even counts, ties, untouched hand-offs, with and without the alerts service's decisions), for every grouping and
+    date range."""
+    import random
+    from datetime import date
+
+    from services import alerts_store as store
+
+    rng = random.Random(8)
+    sql_schema.migrate(db_url)
+    lead_rows, ho_rows, sla_rows = [], [], []
+    for i in range(75):
+        lead = f"s{i:02d}@z.com"
+        first = T0 + timedelta(days=rng.randrange(60), hours=rng.randrange(24))
+        lead_rows.append({"lead": lead, "email": lead, "first_touch_at": first,
+                          "first_source": rng.choice(["web", "form", "crm"]),
+                          "first_campaign": rng.choice([None, "spring", "summer"]), "cohort": first.strftime("%Y-%m"),
+                          "handoffs": 0, "attributes": {}, "updated_at": first})
+        for ep in range(1, rng.choice([1, 1, 2, 3]) + 1):
+            at = first + timedelta(days=ep)
+            secs = rng.choice([None, 60.0, 600.0, 900.0, 901.0, 3600.0, rng.random() * 20000])
+            eid = f"{lead}:handoff:{ep}"
+            ho_rows.append({"event_id": eid, "lead": lead, "episode": ep, "at": at, "fit": 0.0, "engagement": 0.0,
+                            "score": 0.0, "time_to_first_touch_s": secs,
+                            "first_sales_touch_at": None if secs is None else at + timedelta(seconds=secs)})
+            if rng.random() < 0.6:
+                sla_rows.append(dict(handoff_event_id=eid, lead=lead, episode=ep, sla_minutes=15, handoff_at=at,
+                                     due_at=at + timedelta(minutes=15),
+                                     status=rng.choice(["open", "met", "breached"])))
+    engine = store.engine_for(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sql_schema.leads.insert(), lead_rows)
+            conn.execute(sql_schema.handoffs.insert(), ho_rows)
+
+        def reference(conn, group_by, date_from, date_to) -> dict:
+            has_sla = sa.inspect(conn).has_table("alert_sla")
+            src = store._sla_source(conn, group_by, date_from, date_to, has_sla)
+            groups: dict = {}
+            for g, secs, status in conn.execute(sa.select(src.c.g, src.c.secs, src.c.status)):
+                groups.setdefault(g, []).append((secs, status))
+            sla_s = store._sla_minutes() * 60
+            out = {"sla_minutes": sla_s / 60, "source": "alert_sla" if has_sla else "handoffs",
+                   **store._sla_metrics([r for rs in groups.values() for r in rs], sla_s)}
+            if group_by is not None:
+                out["groups"] = [{"group": g, **store._sla_metrics(groups[g], sla_s)}
+                                 for g in sorted(groups, key=lambda x: (x is None, str(x)))]
+            return out
+
+        for with_alerts in (False, True):
+            if with_alerts:
+                store.create_tables(engine)
+                with engine.begin() as conn:
+                    store.insert_sla(conn, sla_rows)
+            with engine.connect() as conn:
+                for group_by in (None, "source", "campaign", "cohort"):
+                    for rng_ in ((None, None), (date(2026, 1, 20), None), (None, date(2026, 2, 10)),
+                                 (date(2030, 1, 1), None)):
+                        got = store.sla_section(conn, group_by, *rng_)
+                        assert got == reference(conn, group_by, *rng_), (with_alerts, group_by, rng_)
+                assert store.sla_section(conn)["handoffs"] == len(ho_rows)
+    finally:
+        engine.dispose()
