@@ -857,9 +857,18 @@ class Identity:
 
 
 class Ledger:
-    """The fold of a whole log in arrival order, in memory: global dedupe by event_id, identity routing, joins."""
+    """The fold of a whole log in arrival order, in memory: global dedupe by event_id, identity routing, joins.
 
-    __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit", "_keys")
+    ``apply(ev)`` folds one event at a time. ``add(ev)`` … ``flush()`` (or ``apply_all(events)``) give the same
+    final states faster (emit=False only): each event is deduped and routed at once, in arrival order, but the fold
+    is deferred and done subject by subject over a chunk of the log. Once routed, subjects are independent (the only
+    link is a join, which takes the anonymous subject's state; every event of that anonymous subject precedes the
+    join in arrival order), so folding the chunk's anonymous subjects first, then the leads, each subject's events in
+    arrival order, ends in exactly the states of the one-at-a-time fold; a subject's state stays in the CPU caches
+    while its events are folded (about twice as fast on a log of many interleaved subjects).
+    """
+
+    __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit", "_keys", "_qa", "_ql", "_nq")
 
     def __init__(self, book: RuleBook, emit: bool = False):
         self.book = book
@@ -870,13 +879,19 @@ class Ledger:
         self.duplicates = 0
         self.emit = emit
         self._keys: dict[str, str] = {}     # envelope email -> normalised lead key (cache of normalise_email)
+        self._qa: dict[str, list] = {}      # deferred folds (add/flush): anonymous subject -> [(event, tag)]
+        self._ql: dict[str, list] = {}      # lead -> [(event, anonymous id joined or None, tag)]
+        self._nq = 0
 
-    def apply(self, ev: dict) -> list[dict]:
+    def route(self, ev: dict) -> Optional[tuple[str, bool, Optional[str]]]:
+        """Dedupe and route one event in arrival order: (subject key, anonymous subject, anonymous id joined by
+        this event or None), or None for a duplicate. Marks the event id as seen; raises ValueError (nothing
+        marked) for an event without a subject."""
         eid = ev["event_id"]
         seen = self.seen
         if eid in seen:
             self.duplicates += 1
-            return []
+            return None
         lid = ev.get("lead_id")
         if not lid:
             email = ev.get("email")
@@ -885,25 +900,33 @@ class Ledger:
                 if aid and isinstance(aid, str):  # the common anonymous-only case, without lookups
                     key = self.identity.anon_to_lead.get(aid)
                     if key is None:
-                        key, anonymous, join = aid, True, None
+                        r: tuple = (aid, True, None)
                     else:
-                        anonymous, join = False, None
+                        r = (key, False, None)
                 else:
-                    key, anonymous, join = self.identity.route(ev)
+                    r = self.identity.route(ev)
             elif not aid and type(email) is str:  # a lead's own event keyed by email: no identity change
                 key = self._keys.get(email)
                 if key is None:
                     key = normalise_email(email)
                     if key is None:
-                        key, anonymous, join = self.identity.route(ev)  # blank email: the routing error
-                    else:
-                        self._keys[email] = key
-                anonymous, join = False, None
+                        self.identity.route(ev)  # blank email: the routing error
+                    self._keys[email] = key
+                r = (key, False, None)
             else:
-                key, anonymous, join = self.identity.route(ev)
+                r = self.identity.route(ev)
         else:
-            key, anonymous, join = self.identity.route(ev)
+            r = self.identity.route(ev)
         seen.add(eid)
+        return r
+
+    def apply(self, ev: dict) -> list[dict]:
+        if self._nq:
+            self.flush()
+        r = self.route(ev)
+        if r is None:
+            return []
+        key, anonymous, join = r
         if self.emit:
             out: Optional[list] = []
         else:
@@ -920,6 +943,76 @@ class Ledger:
             _fold(st, ev, self.book, self.anons.pop(join, None) if join is not None else None, out, True)
         return out if out is not None else []
 
+    def add(self, ev: dict, tag: Any = None) -> bool:
+        """Route ``ev`` now (as ``apply``; raises ValueError for an event without a subject) and defer its fold to
+        ``flush``; ``tag`` is handed to ``flush``'s ``on_error``. False for a duplicate. Derived events are never
+        built on this path."""
+        r = self.route(ev)
+        if r is None:
+            return False
+        key, anonymous, join = r
+        if anonymous:
+            q = self._qa.get(key)
+            if q is None:
+                self._qa[key] = [(ev, tag)]
+            else:
+                q.append((ev, tag))
+        else:
+            q = self._ql.get(key)
+            if q is None:
+                self._ql[key] = [(ev, join, tag)]
+            else:
+                q.append((ev, join, tag))
+        self._nq += 1
+        return True
+
+    def flush(self, on_error: Optional[Any] = None) -> None:
+        """Fold the deferred events, subject by subject (see the class doc). ``on_error(tag, exc)``: called for an
+        event whose fold raised ValueError, TypeError, KeyError or AttributeError (the fold goes on with the next
+        event, as a caller of ``apply`` that catches them would); without it the exception propagates."""
+        qa, ql = self._qa, self._ql
+        self._qa, self._ql, self._nq = {}, {}, 0
+        book = self.book
+        anons, leads = self.anons, self.leads
+        for key, evs in qa.items():
+            st = anons.get(key)
+            if st is None:
+                st = anons[key] = LeadState(key, True)
+            for ev, tag in evs:
+                try:
+                    _fold(st, ev, book, None, None, True)
+                except (ValueError, TypeError, KeyError, AttributeError) as e:
+                    if on_error is None:
+                        raise
+                    on_error(tag, e)
+        for key, evs in ql.items():
+            st = leads.get(key)
+            if st is None:
+                st = leads[key] = LeadState(key, False)
+            for ev, join, tag in evs:
+                try:
+                    _fold(st, ev, book, anons.pop(join, None) if join is not None else None, None, True)
+                except (ValueError, TypeError, KeyError, AttributeError) as e:
+                    if on_error is None:
+                        raise
+                    on_error(tag, e)
+
+    @property
+    def deferred(self) -> int:
+        """Events added and not yet folded (``flush``)."""
+        return self._nq
+
+    def apply_all(self, events: Iterable[dict], chunk: int = 250_000) -> None:
+        """``apply`` of every event (derived events not built), folded subject by subject per ``chunk`` events."""
+        add = self.add
+        for ev in events:
+            add(ev)
+            if self._nq >= chunk:
+                self.flush()
+        self.flush()
+
     def states(self) -> list[LeadState]:
         """Every subject (leads and not-yet-joined anonymous visitors), sorted by subject key."""
+        if self._nq:
+            self.flush()
         return sorted([*self.leads.values(), *self.anons.values()], key=lambda s: (s.key, s.anonymous))
