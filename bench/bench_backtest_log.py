@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 import uuid
@@ -60,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", default="127.0.0.1:9092")
     ap.add_argument("--partitions", type=int, default=12)
     ap.add_argument("--jobs", default="1,2")
+    ap.add_argument("--reuse", metavar="ID", help="reuse the topics bench-tp-ID / bench-bylead-ID of an earlier run "
+                                                  "(no generation, no production)")
+    ap.add_argument("--skip-raw", action="store_true", help="skip the raw read")
     a = ap.parse_args(argv)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if a.reuse:
+        u = a.reuse
+        topics = Topics(touchpoints=f"bench-tp-{u}", by_lead=f"bench-bylead-{u}")
+        return _time_runs(a, topics, None)
     t0 = time.perf_counter()
     events = generate(a.events, a.leads, seed=5)
     for e in events:
@@ -79,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     asyncio.run(setup())
-    print(f"produced to {topics.touchpoints} / {topics.by_lead} in {time.perf_counter() - t0:.0f}s")
-    n = len(events)
+    print(f"produced to {topics.touchpoints} / {topics.by_lead} in {time.perf_counter() - t0:.0f}s (--reuse {u})")
+    return _time_runs(a, topics, len(events))
 
+
+def _time_runs(a: argparse.Namespace, topics: Topics, n: int | None) -> int:
     async def raw() -> int:
         count = [0]
 
@@ -91,10 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         await read_log(a.bootstrap, topics.by_lead, on)
         return count[0]
 
-    t0 = time.perf_counter()
-    msgs = asyncio.run(raw())
-    dt = time.perf_counter() - t0
-    print(f"raw aiokafka read of both topics:     {msgs:,} messages in {dt:.2f}s = {n / dt:,.0f} history events/s")
+    if n is None:
+        async def count() -> int:
+            c = [0]
+
+            def on(m) -> None:
+                c[0] += 1
+            await read_log(a.bootstrap, topics.touchpoints, on)
+            return c[0]
+        n = asyncio.run(count())
+        print(f"{topics.touchpoints}: {n:,} touchpoints")
+    if not a.skip_raw:
+        t0 = time.perf_counter()
+        msgs = asyncio.run(raw())
+        dt = time.perf_counter() - t0
+        print(f"raw aiokafka read of both topics:     {msgs:,} messages in {dt:.2f}s = {n / dt:,.0f} history events/s")
     base = RuleBook.from_paths([DEFAULT])
     loose = RuleBook(parse_rule_sets(DEFAULT.read_text().replace('version: "2026-11-default"', 'version: "loose"')
                                      .replace("min_engagement: 40", "min_engagement: 25")))
@@ -108,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         mq = [len(m) for m in out["mqls"]]
         print(f"{label:<38} {n / dt:>10,.0f} history events/s  ({dt:.2f}s wall, {cpu:.2f}s CPU in this process; "
               f"MQLs {mq})")
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

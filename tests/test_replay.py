@@ -173,6 +173,18 @@ def test_backtest_fold_mirrors_the_lead_log_fold(archived) -> None:
 
     assert {(a, b, iso_from_epoch(c), d) for a, b, c, d in lf.mqls} == handoffs and handoffs
     assert lf.short_joins == 0
+    # the back-test's grouped form (records grouped by lead, each lead's in log order, in chunks): the same
+    for chunk in (7, 10**6):
+        grouped = LogFold(BOOK, anon)
+        for i in range(0, len(archived["log"]), chunk):
+            groups: dict[str, list[dict]] = {}
+            for r in archived["log"][i:i + chunk]:
+                groups.setdefault(r["lead"], []).append({k: v for k, v in r.items() if k != "lead"})
+            for lead, recs in groups.items():
+                grouped.apply_many(lead, recs)
+        assert {k: s.lead.to_bytes() for k, s in grouped.states.items()} == \
+            {k: s.lead.to_bytes() for k, s in lf.states.items()}
+        assert sorted(grouped.mqls) == sorted(lf.mqls)
 
 
 def test_cli_backtest_events_form_is_unchanged(tmp_path, capsys) -> None:
