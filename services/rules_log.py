@@ -22,11 +22,10 @@ import sys
 from typing import Iterable, Optional
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from projections.rules import RuleBook, RuleSet, RuleSetError, load_rule_sets
 from services.config import Settings
-from services.derived_reader import topic_partitions
+from services.derived_reader import read_log
 from services.kafka_io import ensure_topics, make_producer
 
 EVENT_TYPE = "rule_set_published"
@@ -45,25 +44,7 @@ def rule_set_event(rs: RuleSet) -> dict:
 
 async def read_rule_events(bootstrap: str, topic: Optional[str] = None) -> list[dict]:
     """Every rule-set event on the topic, in log order (empty when the topic does not exist)."""
-    topic = topic or rules_topic()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed")
-    await consumer.start()
-    out: list[dict] = []
-    try:
-        tps = await topic_partitions(consumer, topic)
-        if not tps:
-            return []
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        for tp in tps:
-            while await consumer.position(tp) < end[tp]:
-                for m in (await consumer.getmany(tp, timeout_ms=2000)).get(tp, []):
-                    if m.offset < end[tp]:
-                        out.append(orjson.loads(m.value))
-    finally:
-        await consumer.stop()
-    return out
+    return [orjson.loads(m.value) async for m in read_log(bootstrap, topic or rules_topic())]
 
 
 def book_from_events(events: Iterable[dict]) -> RuleBook:

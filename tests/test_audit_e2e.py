@@ -27,7 +27,6 @@ import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer
 from fastapi.testclient import TestClient
 
 from bench.gen_history import generate
@@ -37,7 +36,7 @@ from projections.replay import explanation_totals
 from projections.rules import RuleBook, load_rule_sets
 from services import audit, backtest_log
 from services.demo import API_KEY, journeys
-from services.derived_reader import read_topic, topic_partitions
+from services.derived_reader import read_log, read_topic
 from services.ingest import IngestConfig, create_app as ingest_app
 from services.keystore import Keystore, reveal_records
 from services.kafka_io import ensure_topics, make_producer
@@ -96,21 +95,8 @@ async def _raw_bytes(bootstrap: str, topics: list[str]) -> bytes:
 
 
 async def _raw_topic(bootstrap: str, topic: str) -> bytes:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    out = []
-    try:
-        tps = await topic_partitions(consumer, topic)
-        assert tps, topic
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        for tp in tps:
-            while await consumer.position(tp) < end[tp]:
-                for m in (await consumer.getmany(tp, timeout_ms=2000)).get(tp, []):
-                    out.append(m.value)
-    finally:
-        await consumer.stop()
+    out = [m.value async for m in read_log(bootstrap, topic, read_committed=False)]
+    assert out, topic
     return b"\n".join(out)
 
 

@@ -14,14 +14,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.gen_history import generate
 from projections import lead_log
 from projections.fold import normalise_email, subject_of
 from projections.rules import RuleBook
-from services.derived_reader import read_topic, topic_partitions
+from services.derived_reader import read_log, read_topic
 from services.kafka_io import ensure_topics, produce_events
 from services.processor import default_rules_paths
 from tests.conftest import eventually, wait_for
@@ -56,21 +55,10 @@ async def final_state(bootstrap: str, cfg) -> dict[str, Any]:
 
 async def replay_by_lead(bootstrap: str, topic: str, book: RuleBook) -> dict[str, tuple]:
     """Fold the lead-keyed log, partition by partition, with the pure code the processor uses."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
     states: dict[str, lead_log.LeadLogState] = {}
-    try:
-        tps = await topic_partitions(consumer, topic)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        for tp in tps:
-            while await consumer.position(tp) < end[tp]:
-                for m in (await consumer.getmany(tp, timeout_ms=2000)).get(tp, []):
-                    key = m.key.decode()
-                    states[key], _ = lead_log.apply(states.get(key), key, orjson.loads(m.value), book)
-    finally:
-        await consumer.stop()
+    async for m in read_log(bootstrap, topic, read_committed=False):
+        key = m.key.decode()
+        states[key], _ = lead_log.apply(states.get(key), key, orjson.loads(m.value), book)
     return {k: (s.lead.fit, round(s.lead.eng, 9), s.lead.stage, s.lead.handoffs)
             for k, s in states.items() if s.lead.seq}
 
