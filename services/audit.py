@@ -148,6 +148,19 @@ def lead_archive(conn: sa.Connection, lead: str) -> list[dict]:
     return [dict(r) for r in conn.execute(q).mappings()]
 
 
+def _keys(ids: set[str], keystore_url: Optional[str]) -> dict:
+    """The PII keys the key store still holds for `ids` (none without a key store: everything reads sealed)."""
+    if not keystore_url:
+        return {}
+    from services.keystore import Keystore
+
+    ks = Keystore(keystore_url)
+    try:
+        return ks.keys(ids)
+    finally:
+        ks.close()
+
+
 def reveal(obj, keystore_url: Optional[str]):
     """Open the sealed PII of ``obj`` as far as the keystore allows (destroyed keys read ``[erased]``)."""
     from projections import pii
@@ -155,15 +168,7 @@ def reveal(obj, keystore_url: Optional[str]):
     ids = pii.key_ids(obj)
     if not ids:
         return obj
-    keys: dict = {}
-    if keystore_url:
-        from services.keystore import Keystore
-
-        ks = Keystore(keystore_url)
-        try:
-            keys = ks.keys(ids)
-        finally:
-            ks.close()
+    keys = _keys(ids, keystore_url)
     return pii.reveal(obj, keys)
 
 
@@ -181,15 +186,7 @@ def _reveal_replay(out: dict, records: list[dict], keystore_url: Optional[str]) 
             ids |= pii.key_ids(st.get("at"))
     if not ids:
         return out
-    keys: dict = {}
-    if keystore_url:
-        from services.keystore import Keystore
-
-        ks = Keystore(keystore_url)
-        try:
-            keys = ks.keys(ids)
-        finally:
-            ks.close()
+    keys = _keys(ids, keystore_url)
     for step in out["steps"]:
         if "payload" in step:
             step["payload"] = pii.reveal(step["payload"], keys)
