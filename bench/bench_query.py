@@ -39,7 +39,7 @@ import psycopg  # noqa: E402
 
 from deploy import infra  # noqa: E402
 from projections import sql_schema  # noqa: E402
-from projections.sql_writer import rebuild_funnel  # noqa: E402
+from projections.sql_writer import rebuild_funnel, rebuild_funnel_handoffs  # noqa: E402
 
 DB = "leadledger_query_bench"
 TOKEN = "bench-bi-token"
@@ -124,7 +124,7 @@ def load(dsn: str, url: str, n: int, seed: int) -> None:
     t0 = time.perf_counter()
     with psycopg.connect(dsn) as c1, psycopg.connect(dsn) as c2, psycopg.connect(dsn) as c3:
         c1.execute("TRUNCATE leads, lead_stage_history, lead_score_history, handoffs, touchpoint_archive, "
-                   "funnel_leads, funnel_durations, funnel_daily")
+                   "funnel_leads, funnel_durations, funnel_daily, funnel_handoffs")
         c1.commit()
         hist_n = ho_n = 0
         q = ", ".join(f'"{c}"' for c in HIST_COLS)
@@ -149,10 +149,12 @@ def load(dsn: str, url: str, n: int, seed: int) -> None:
     try:
         with engine.begin() as conn:   # the funnel tables, exactly as the projector keeps them
             in_funnel = rebuild_funnel(conn)
+            rebuild_funnel_handoffs(conn)
     finally:
         engine.dispose()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for t in ("leads", "lead_stage_history", "handoffs", "funnel_leads", "funnel_durations", "funnel_daily"):
+        for t in ("leads", "lead_stage_history", "handoffs", "funnel_leads", "funnel_durations", "funnel_daily",
+                  "funnel_handoffs"):
             conn.execute(f"VACUUM ANALYZE {t}")
     print(f"funnel tables for {in_funnel:,} leads in {time.perf_counter() - t1:.0f}s")
 

@@ -226,8 +226,23 @@ funnel_daily = sa.Table(
     sa.Index("ix_funnel_daily_day", "day"),
 )
 
+# revision 0005: every hand-off with its lead's funnel group, so the funnel's SLA section reads one narrow table
+# instead of joining the hand-offs with every lead
+funnel_handoffs = sa.Table(
+    "funnel_handoffs", metadata,
+    sa.Column("event_id", sa.String(512), primary_key=True),   # the hand-off's
+    sa.Column("lead", sa.String(255), nullable=False),
+    sa.Column("day", sa.Date),                                 # UTC date of the lead's first touch
+    sa.Column("source", sa.String(64)),
+    sa.Column("campaign", sa.String(255)),
+    sa.Column("cohort", sa.String(7)),
+    sa.Column("secs", sa.Float),                               # handoffs.time_to_first_touch_s
+    sa.Index("ix_funnel_handoffs_lead", "lead"),
+    sa.Index("ix_funnel_handoffs_day", "day"),
+)
+
 TABLES = (leads, lead_stage_history, lead_score_history, handoffs, touchpoint_archive, projector_offsets,
-          funnel_leads, funnel_durations, funnel_daily)
+          funnel_leads, funnel_durations, funnel_daily, funnel_handoffs)
 #: SQL views, created by revision 0001 (plain SQL valid on SQLite and PostgreSQL)
 VIEWS = ("funnel_conversion", "funnel_transitions")
 

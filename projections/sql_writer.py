@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from projections.audit_chain import archive_id, link
 from projections.lead_log import RESOLVE_TYPE
 from projections.sql_schema import (DURATION_METRICS, FUNNEL_PAIRS, STAGES, UTCDateTime, funnel_daily,
-                                    funnel_durations, funnel_leads, handoffs, lead_score_history,
+                                    funnel_durations, funnel_handoffs, funnel_leads, handoffs, lead_score_history,
                                     lead_stage_history, leads, projector_offsets, touchpoint_archive)
 
 _fromiso = datetime.fromisoformat
@@ -336,6 +336,7 @@ def apply_batch(conn: sa.Connection, records: Iterable[dict]) -> dict[str, int]:
 
     regrouped = _update_leads(conn, tps, scored, staged, handed)
     _update_funnel(conn, regrouped | {r["lead"] for r in staged})
+    _update_funnel_handoffs(conn, regrouped | sales_leads)
     return {"touchpoint_archive": archived, "lead_score_history": len(scored),
             "lead_stage_history": len(staged), "handoffs": len(handed)}
 
@@ -676,6 +677,44 @@ def _update_funnel(conn: sa.Connection, touched: set[str]) -> None:
     emptied = sorted({d["bucket"] for d in changed if d["leads"] < 0})
     for where in _key_filters(conn, funnel_daily.c.bucket, emptied):
         conn.execute(funnel_daily.delete().where(where, funnel_daily.c.leads == 0))
+
+
+def _funnel_handoff_rows(conn: sa.Connection, where: Any) -> list[dict]:
+    """funnel_handoffs rows of the hand-offs matching ``where`` (of leads that have a leads row, as the funnel)."""
+    ho = handoffs
+    out = []
+    for eid, lead, secs, ft, source, campaign, cohort in conn.execute(
+            sa.select(ho.c.event_id, ho.c.lead, ho.c.time_to_first_touch_s, leads.c.first_touch_at,
+                      leads.c.first_source, leads.c.first_campaign, leads.c.cohort)
+            .select_from(ho.join(leads, leads.c.lead == ho.c.lead)).where(where)).all():
+        out.append({"event_id": eid, "lead": lead,
+                    "day": ft.astimezone(timezone.utc).date() if ft is not None else None,
+                    "source": source, "campaign": campaign, "cohort": cohort, "secs": secs})
+    return out
+
+
+def _update_funnel_handoffs(conn: sa.Connection, touched: set[str]) -> None:
+    """Rewrite the funnel_handoffs rows of the leads whose hand-offs, first sales touch or group may have changed."""
+    for part in _key_parts(conn, sorted(touched)):
+        conn.execute(funnel_handoffs.delete().where(_in(conn, funnel_handoffs.c.lead, part)))
+        _insert_rows(conn, funnel_handoffs, _funnel_handoff_rows(conn, _in(conn, handoffs.c.lead, part)))
+
+
+def rebuild_funnel_handoffs(conn: sa.Connection, chunk: int = 5000) -> int:
+    """Refill funnel_handoffs from handoffs and leads (revision 0005's backfill); returns its row count."""
+    conn.execute(funnel_handoffs.delete())
+    last, total = None, 0
+    while True:
+        q = sa.select(handoffs.c.event_id).order_by(handoffs.c.event_id).limit(chunk)
+        if last is not None:
+            q = q.where(handoffs.c.event_id > last)
+        part = list(conn.execute(q).scalars())
+        if not part:
+            return total
+        last = part[-1]
+        rows = _funnel_handoff_rows(conn, _in(conn, handoffs.c.event_id, part))
+        _insert_rows(conn, funnel_handoffs, rows)
+        total += len(rows)
 
 
 def rebuild_funnel(conn: sa.Connection, chunk: int = 5000) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import secrets as _secrets
 import statistics
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, timezone
 from typing import Any, Iterable, Optional, Sequence
 
 import sqlalchemy as sa
@@ -422,23 +422,24 @@ def _sla_metrics(rows: list[tuple], sla_s: float) -> dict:
 
 def _sla_source(conn: sa.Connection, group_by: Optional[str], date_from: Optional[date], date_to: Optional[date],
                 has_sla: bool) -> Any:
-    """``(g, secs, status)`` of every hand-off of the leads whose first touch falls in the range, as a subquery."""
-    from projections.sql_schema import handoffs, leads
+    """``(g, secs, status)`` of every hand-off of the leads whose first touch falls in the range (UTC dates), as a
+    subquery over funnel_handoffs (the hand-offs with their lead's group, kept by the projector)."""
+    from projections.sql_schema import funnel_handoffs as fh
 
-    gcol = {"source": leads.c.first_source, "campaign": leads.c.first_campaign, "cohort": leads.c.cohort,
+    gcol = {"source": fh.c.source, "campaign": fh.c.campaign, "cohort": fh.c.cohort,
             None: sa.literal(None, sa.String)}[group_by]
-    cols = [gcol.label("g"), handoffs.c.time_to_first_touch_s.label("secs")]
-    src = handoffs.join(leads, leads.c.lead == handoffs.c.lead)
+    cols = [gcol.label("g"), fh.c.secs.label("secs")]
+    src = fh
     if has_sla:
         cols.append(alert_sla.c.status.label("status"))
-        src = src.outerjoin(alert_sla, alert_sla.c.handoff_event_id == handoffs.c.event_id)
+        src = src.outerjoin(alert_sla, alert_sla.c.handoff_event_id == fh.c.event_id)
     else:
         cols.append(sa.literal(None, sa.String).label("status"))
     q = sa.select(*cols).select_from(src)
     if date_from is not None:
-        q = q.where(leads.c.first_touch_at >= datetime.combine(date_from, time(), timezone.utc))
+        q = q.where(fh.c.day >= date_from)
     if date_to is not None:
-        q = q.where(leads.c.first_touch_at < datetime.combine(date_to + timedelta(days=1), time(), timezone.utc))
+        q = q.where(fh.c.day <= date_to)
     return q.subquery("sla_src")
 
 
@@ -488,7 +489,7 @@ def _sla_sql(conn: sa.Connection, src: Any, sla_s: float, grouped: bool) -> dict
 def sla_section(conn: sa.Connection, group_by: Optional[str] = None, date_from: Optional[date] = None,
                 date_to: Optional[date] = None) -> dict:
     """SLA figures for ``GET /v1/funnel``: hand-offs, time to first sales touch (median / p90 seconds, from the
-    ``handoffs`` projection), met / breached / open (the alerts service's event-time decision in ``alert_sla``
+    ``funnel_handoffs`` projection), met / breached / open (the alerts service's event-time decision in ``alert_sla``
     when it ran, else from the time to first touch), overall and per group of the funnel's grouping. Counted and
     ranked in SQL (``_sla_metrics`` is the definition)."""
     sla_s = _sla_minutes() * 60

@@ -288,6 +288,7 @@ def test_sla_section_in_sql_equals_the_python_definition(db_url) -> None:
     import random
     from datetime import date
 
+    from projections.sql_writer import rebuild_funnel_handoffs
     from services import alerts_store as store
 
     rng = random.Random(8)
@@ -316,6 +317,7 @@ def test_sla_section_in_sql_equals_the_python_definition(db_url) -> None:
         with engine.begin() as conn:
             conn.execute(sql_schema.leads.insert(), lead_rows)
             conn.execute(sql_schema.handoffs.insert(), ho_rows)
+            assert rebuild_funnel_handoffs(conn, chunk=7) == len(ho_rows)
 
         def reference(conn, group_by, date_from, date_to) -> dict:
             has_sla = sa.inspect(conn).has_table("alert_sla")
