@@ -427,7 +427,19 @@ def _fold(state: LeadState, event: dict, book: RuleBook, merge_from: Optional[Le
     # the rules this event matches, per rule set of the book (memoised on the compiled rule sets)
     if single is not None:
         plan = single.plan.get(etype)
-        work = single.match(plan, event, payload) if plan is not None else ()
+        if plan is None:
+            work = ()
+        else:
+            mode = plan[0]
+            if mode == 0:
+                work = plan[2]
+            elif mode == 1:  # CompiledRuleSet.match's memo, read inline (the hot path)
+                v = payload.get(plan[1])
+                work = plan[2].get(v) if v is None or type(v) is str else None
+                if work is None:
+                    work = single.match(plan, event, payload)
+            else:
+                work = single.match(plan, event, payload)
     else:
         work = []
         for rs in book.sets:
