@@ -125,7 +125,8 @@ async def show(cfg: Settings, leads: list[str], timeout: float = 60.0) -> int:
 
 async def show_projections(leads: list[str], timeout: float = 30.0) -> None:
     """The same leads as BI sees them: the SQL projections through the query API (when the stack runs it)."""
-    base = os.environ.get("LEADLEDGER_QUERY_URL", "http://127.0.0.1:8081")
+    base = os.environ.get("LEADLEDGER_QUERY_URL",
+                          f"http://127.0.0.1:{os.environ.get('LEADLEDGER_QUERY_PORT', '8081')}")
     auth = {"Authorization": f"Bearer {os.environ.get('LEADLEDGER_DEMO_BI_TOKEN', 'dev-bi-token')}"}
     rows: dict[str, dict[str, Any]] = {}
     async with httpx.AsyncClient(base_url=base, headers=auth, timeout=10) as client:
@@ -153,7 +154,8 @@ async def show_projections(leads: list[str], timeout: float = 30.0) -> None:
         r = await client.get("/v1/funnel")
         if r.status_code == 200:
             print(f"\nfunnel: GET {base}/v1/funnel → {str(r.json())[:300]}…")
-    print("hot-lead board for inside sales: http://127.0.0.1:8082/board (token dev-sales-token)")
+    board = f"http://127.0.0.1:{os.environ.get('LEADLEDGER_ALERTS_PORT', '8082')}/board"
+    print(f"hot-lead board for inside sales: {board} (token dev-sales-token)")
 
 
 def main(argv: list[str] | None = None) -> int:
