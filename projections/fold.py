@@ -877,7 +877,8 @@ class Ledger:
     link is a join, which takes the anonymous subject's state; every event of that anonymous subject precedes the
     join in arrival order), so folding the chunk's anonymous subjects first, then the leads, each subject's events in
     arrival order, ends in exactly the states of the one-at-a-time fold; a subject's state stays in the CPU caches
-    while its events are folded (about twice as fast on a log of many interleaved subjects).
+    while its events are folded (1.25–2× faster on logs of many interleaved subjects, depending on how much of the
+    working set fits the caches; docs/audit.md).
     """
 
     __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit", "_keys", "_qa", "_ql", "_nq")
