@@ -27,6 +27,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_funnel_handoffs_lead", "funnel_handoffs", ["lead"])
     op.create_index("ix_funnel_handoffs_day", "funnel_handoffs", ["day"])
+    op.create_index("ix_funnel_handoffs_secs", "funnel_handoffs", ["secs"], postgresql_include=["day"])
+    for g in ("source", "campaign", "cohort"):
+        op.create_index(f"ix_funnel_handoffs_{g}_secs", "funnel_handoffs", [g, "secs"], postgresql_include=["day"])
     from projections.sql_writer import rebuild_funnel_handoffs
 
     rebuild_funnel_handoffs(op.get_bind())
