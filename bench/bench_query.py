@@ -124,7 +124,7 @@ def load(dsn: str, url: str, n: int, seed: int) -> None:
     t0 = time.perf_counter()
     with psycopg.connect(dsn) as c1, psycopg.connect(dsn) as c2, psycopg.connect(dsn) as c3:
         c1.execute("TRUNCATE leads, lead_stage_history, lead_score_history, handoffs, touchpoint_archive, "
-                   "funnel_leads, funnel_durations, funnel_daily, funnel_handoffs")
+                   "funnel_leads, funnel_durations, funnel_daily, funnel_handoffs, funnel_monthly")
         c1.commit()
         hist_n = ho_n = 0
         q = ", ".join(f'"{c}"' for c in HIST_COLS)
@@ -154,7 +154,7 @@ def load(dsn: str, url: str, n: int, seed: int) -> None:
         engine.dispose()
     with psycopg.connect(dsn, autocommit=True) as conn:
         for t in ("leads", "lead_stage_history", "handoffs", "funnel_leads", "funnel_durations", "funnel_daily",
-                  "funnel_handoffs"):
+                  "funnel_handoffs", "funnel_monthly"):
             conn.execute(f"VACUUM ANALYZE {t}")
     print(f"funnel tables for {in_funnel:,} leads in {time.perf_counter() - t1:.0f}s")
 

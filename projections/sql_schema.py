@@ -226,6 +226,21 @@ funnel_daily = sa.Table(
     sa.Index("ix_funnel_daily_day", "day"),
 )
 
+# revision 0006: funnel_daily rolled up per month (UTC month of the first touch, = the cohort), so a funnel over
+# whole months (or no range) sums a few thousand rows; a range sums its whole months here and its edge days in
+# funnel_daily
+funnel_monthly = sa.Table(
+    "funnel_monthly", metadata,
+    sa.Column("bucket", sa.String(600), primary_key=True),   # JSON [month, cohort, source, campaign]
+    sa.Column("month", sa.String(7)),                         # YYYY-MM of funnel_daily.day
+    sa.Column("source", sa.String(64)),
+    sa.Column("campaign", sa.String(255)),
+    sa.Column("cohort", sa.String(7)),
+    *[sa.Column(c.name, sa.Integer, nullable=False) for c in funnel_daily.columns if c.name not in
+      ("bucket", "day", "source", "campaign", "cohort")],
+    sa.Index("ix_funnel_monthly_month", "month"),
+)
+
 # revision 0005: every hand-off with its lead's funnel group, so the funnel's SLA section reads one narrow table
 # instead of joining the hand-offs with every lead
 funnel_handoffs = sa.Table(
@@ -247,7 +262,7 @@ funnel_handoffs = sa.Table(
 )
 
 TABLES = (leads, lead_stage_history, lead_score_history, handoffs, touchpoint_archive, projector_offsets,
-          funnel_leads, funnel_durations, funnel_daily, funnel_handoffs)
+          funnel_leads, funnel_durations, funnel_daily, funnel_handoffs, funnel_monthly)
 #: SQL views, created by revision 0001 (plain SQL valid on SQLite and PostgreSQL)
 VIEWS = ("funnel_conversion", "funnel_transitions")
 

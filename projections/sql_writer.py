@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from projections.audit_chain import archive_id, link
 from projections.lead_log import RESOLVE_TYPE
 from projections.sql_schema import (DURATION_METRICS, FUNNEL_PAIRS, STAGES, UTCDateTime, funnel_daily,
-                                    funnel_durations, funnel_handoffs, funnel_leads, handoffs, lead_score_history,
+                                    funnel_durations, funnel_handoffs, funnel_leads, funnel_monthly, handoffs, lead_score_history,
                                     lead_stage_history, leads, projector_offsets, touchpoint_archive)
 
 _fromiso = datetime.fromisoformat
@@ -620,7 +620,9 @@ def _counts(row: dict, durs: Iterable[dict]) -> dict[str, int]:
     return c
 
 
-def _add_counts(daily: dict[str, dict], row: dict, counts: dict[str, int], sign: int) -> None:
+def _add_counts(daily: dict[str, dict], row: dict, counts: dict[str, int], sign: int,
+                monthly: dict[str, dict] | None = None) -> None:
+    """Add ``sign`` x a lead's counts to its funnel_daily bucket (and its funnel_monthly bucket)."""
     d = daily.get(row["bucket"])
     if d is None:
         d = daily[row["bucket"]] = {"bucket": row["bucket"], "day": row["day"], "source": row["source"],
@@ -628,6 +630,48 @@ def _add_counts(daily: dict[str, dict], row: dict, counts: dict[str, int], sign:
     for k, v in counts.items():
         if v:
             d[k] += sign * v
+    if monthly is not None:
+        _add_month(monthly, d, counts, sign)
+
+
+def _month_of(day: Any) -> str | None:
+    return day.strftime("%Y-%m") if day is not None else None
+
+
+def _add_month(monthly: dict[str, dict], d: dict, counts: dict[str, int], sign: int) -> None:
+    """Add ``sign`` x ``counts`` to the funnel_monthly bucket of funnel_daily row ``d``."""
+    month = _month_of(d["day"])
+    key = orjson.dumps([month, d["cohort"], d["source"], d["campaign"]]).decode()
+    m = monthly.get(key)
+    if m is None:
+        m = monthly[key] = {"bucket": key, "month": month, "source": d["source"], "campaign": d["campaign"],
+                            "cohort": d["cohort"], **dict.fromkeys(_COUNTS, 0)}
+    for k in _COUNTS:
+        if counts[k]:
+            m[k] += sign * counts[k]
+
+
+def _write_deltas(conn: sa.Connection, table: sa.Table, deltas: dict[str, dict]) -> None:
+    """Add the non-zero ``deltas`` to their buckets of ``table`` (funnel_daily / funnel_monthly); a bucket left with
+    no lead is deleted. In bucket order: two projectors adding to shared buckets lock them in the same order."""
+    changed = sorted((d for d in deltas.values() if any(d[k] for k in _COUNTS)), key=lambda d: d["bucket"])
+    _insert_rows(conn, table, changed, update_key="bucket", add=_COUNTS)
+    emptied = sorted({d["bucket"] for d in changed if d["leads"] < 0})
+    for where in _key_filters(conn, table.c.bucket, emptied):
+        conn.execute(table.delete().where(where, table.c.leads == 0))
+
+
+def fill_funnel_monthly(conn: sa.Connection, chunk: int = 5000) -> int:
+    """Refill funnel_monthly by rolling up funnel_daily (revision 0006's backfill); returns its row count."""
+    conn.execute(funnel_monthly.delete())
+    monthly: dict[str, dict] = {}
+    cols = ["bucket", "day", "source", "campaign", "cohort", *_COUNTS]
+    for r in conn.execute(sa.select(*[funnel_daily.c[c] for c in cols])).mappings():
+        _add_month(monthly, r, {k: int(r[k]) for k in _COUNTS}, +1)
+    rows = list(monthly.values())
+    for i in range(0, len(rows), chunk):
+        _insert_rows(conn, funnel_monthly, rows[i:i + chunk])
+    return len(rows)
 
 
 _FL_COLS = [str(c.name) for c in funnel_leads.columns]
@@ -656,6 +700,7 @@ def _update_funnel(conn: sa.Connection, touched: set[str]) -> None:
             old_durs.setdefault(r["lead"], {})[(r["metric"], r["key"])] = {c: r[c] for c in _FD_COLS}
     rows, durs, gone = [], [], []
     daily: dict[str, dict] = {}
+    monthly: dict[str, dict] = {}
     for lead in sorted(history):
         row, new = funnel_rows(lead, groups.get(lead, (None, None, None, None)), history[lead])
         old_row, olds = old_rows.get(lead), old_durs.get(lead, {})
@@ -665,18 +710,14 @@ def _update_funnel(conn: sa.Connection, touched: set[str]) -> None:
         durs += [d for k, d in news.items() if olds.get(k) != d]
         gone += [(lead, m, k) for m, k in olds if (m, k) not in news]
         if old_row is not None:
-            _add_counts(daily, old_row, _counts(old_row, olds.values()), -1)
-        _add_counts(daily, row, _counts(row, new), +1)
+            _add_counts(daily, old_row, _counts(old_row, olds.values()), -1, monthly)
+        _add_counts(daily, row, _counts(row, new), +1, monthly)
     _insert_rows(conn, fl, rows, update_key="lead")
     for lead, metric, key in gone:
         conn.execute(fd.delete().where(fd.c.lead == lead, fd.c.metric == metric, fd.c.key == key))
     _insert_rows(conn, fd, durs, update_key=("lead", "metric", "key"))
-    # in bucket order: two projectors adding to shared buckets lock them in the same order (no deadlock)
-    changed = sorted((d for d in daily.values() if any(d[k] for k in _COUNTS)), key=lambda d: d["bucket"])
-    _insert_rows(conn, funnel_daily, changed, update_key="bucket", add=_COUNTS)
-    emptied = sorted({d["bucket"] for d in changed if d["leads"] < 0})
-    for where in _key_filters(conn, funnel_daily.c.bucket, emptied):
-        conn.execute(funnel_daily.delete().where(where, funnel_daily.c.leads == 0))
+    _write_deltas(conn, funnel_daily, daily)
+    _write_deltas(conn, funnel_monthly, monthly)
 
 
 def _funnel_handoff_rows(conn: sa.Connection, where: Any) -> list[dict]:
@@ -717,14 +758,15 @@ def rebuild_funnel_handoffs(conn: sa.Connection, chunk: int = 5000) -> int:
         total += len(rows)
 
 
-def rebuild_funnel(conn: sa.Connection, chunk: int = 5000) -> int:
+def rebuild_funnel(conn: sa.Connection, chunk: int = 5000, monthly_table: bool = True) -> int:
     """Recount the funnel tables from lead_stage_history and leads (revision 0004's backfill); returns the number
     of leads in the funnel."""
     fl, fd, h = funnel_leads, funnel_durations, lead_stage_history
-    for t in (funnel_daily, fd, fl):
+    for t in ((funnel_monthly,) if monthly_table else ()) + (funnel_daily, fd, fl):
         conn.execute(t.delete())
     last, total = None, 0
     daily: dict[str, dict] = {}
+    monthly: dict[str, dict] = {}
     while True:
         q = sa.select(h.c.lead).distinct().order_by(h.c.lead).limit(chunk)
         if last is not None:
@@ -745,7 +787,7 @@ def rebuild_funnel(conn: sa.Connection, chunk: int = 5000) -> int:
             row, d = funnel_rows(lead, groups.get(lead, (None, None, None, None)), history[lead])
             rows.append(row)
             durs.extend(d)
-            _add_counts(daily, row, _counts(row, d), +1)
+            _add_counts(daily, row, _counts(row, d), +1, monthly)
         for i in range(0, len(rows), chunk):
             _insert_rows(conn, fl, rows[i:i + chunk])
         for i in range(0, len(durs), chunk):
@@ -754,6 +796,9 @@ def rebuild_funnel(conn: sa.Connection, chunk: int = 5000) -> int:
     buckets = list(daily.values())
     for i in range(0, len(buckets), chunk):
         _insert_rows(conn, funnel_daily, buckets[i:i + chunk])
+    months = list(monthly.values()) if monthly_table else []   # revision 0004 runs before funnel_monthly exists
+    for i in range(0, len(months), chunk):
+        _insert_rows(conn, funnel_monthly, months[i:i + chunk])
     return total
 
 

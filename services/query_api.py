@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from projections.sql_schema import DURATION_METRICS, FUNNEL_PAIRS, FUNNEL_PATH, STAGES, funnel_daily, \
-    funnel_durations, handoffs, lead_score_history, lead_stage_history, leads, make_engine
+    funnel_durations, funnel_monthly, handoffs, lead_score_history, lead_stage_history, leads, make_engine
 
 log = logging.getLogger("leadledger.query_api")
 
@@ -215,19 +215,59 @@ def _median2(vals: Optional[list[float]]) -> float | None:
     return round(vals[0] if len(vals) == 1 else (vals[0] + vals[1]) / 2, 4)
 
 
+def _month(d: date) -> str:
+    return f"{d.year:04d}-{d.month:02d}"
+
+
+def _sums_query(group_by: Optional[str], date_from: Optional[date], date_to: Optional[date]) -> Any:
+    """The funnel counts per group for first touches in [date_from, date_to]: the whole months of the range from
+    funnel_monthly, its edge days from funnel_daily (no range: funnel_monthly alone)."""
+    m, f = funnel_monthly, funnel_daily
+    gname = _GROUP_COLS.get(group_by)
+
+    def part(t: sa.Table, *where: Any) -> Any:
+        g = t.c[gname] if gname is not None else sa.literal(None, sa.String)
+        return sa.select(g.label("g"), *[t.c[c] for c in _COUNTS]).where(*where)
+
+    if date_from is None and date_to is None:
+        parts = [part(m)]
+    else:
+        # whole months inside the range: [first, last] (None = unbounded on that side)
+        first = None if date_from is None else (
+            date_from if date_from.day == 1 else (date_from.replace(day=28) + timedelta(days=4)).replace(day=1))
+        last = None if date_to is None else (
+            date_to if (date_to + timedelta(days=1)).day == 1 else date_to.replace(day=1) - timedelta(days=1))
+        whole = first is None or last is None or first <= last
+        edge = [f.c.day.isnot(None)]
+        if date_from is not None:
+            edge.append(f.c.day >= date_from)
+        if date_to is not None:
+            edge.append(f.c.day <= date_to)
+        parts = []
+        if whole:
+            mw = [m.c.month.isnot(None)]
+            if first is not None:
+                mw.append(m.c.month >= _month(first))
+                edge_lo = f.c.day < first
+            if last is not None:
+                mw.append(m.c.month <= _month(last))
+                edge_hi = f.c.day > (last.replace(day=28) + timedelta(days=4)).replace(day=1) - timedelta(days=1)
+            parts.append(part(m, *mw))
+            outside = [c for c, on in ((edge_lo if first is not None else None, first is not None),
+                                       (edge_hi if last is not None else None, last is not None)) if on]
+            edge.append(sa.or_(*outside) if outside else sa.false())
+        parts.append(part(f, *edge))
+    u = (parts[0] if len(parts) == 1 else sa.union_all(*parts)).subquery("u")
+    g = u.c.g if group_by is not None else sa.literal(None, sa.String).label("g")
+    q = sa.select(g, *[sa.func.sum(u.c[c]).label(c) for c in _COUNTS])
+    return q.group_by(u.c.g) if group_by is not None else q
+
+
 def funnel_groups(conn, group_by: Optional[str], date_from: Optional[date], date_to: Optional[date]) -> dict:
     """``{group: funnel numbers (as funnel_metrics, "reached" included)}`` for the leads whose first touch falls in
     [date_from, date_to] (UTC dates), from funnel_daily and funnel_durations."""
-    f = funnel_daily
-    gcol = f.c[_GROUP_COLS[group_by]] if group_by is not None else sa.literal(None)
-    q = sa.select(gcol.label("g"), *[sa.func.sum(f.c[c]).label(c) for c in _COUNTS])
-    if date_from is not None:
-        q = q.where(f.c.day >= date_from)
-    if date_to is not None:
-        q = q.where(f.c.day <= date_to)
-    if group_by is not None:
-        q = q.group_by(gcol)
-    sums = {r["g"]: r for r in conn.execute(q).mappings().all() if r["leads"]}
+    sums = {r["g"]: r for r in conn.execute(_sums_query(group_by, date_from, date_to)).mappings().all()
+            if r["leads"]}
     wanted = []
     for g, r in sums.items():
         wanted += [(g, "stay", s, int(r[f"n_stay_{s}"])) for s in STAGES if r[f"n_stay_{s}"]]

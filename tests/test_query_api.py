@@ -254,7 +254,9 @@ def test_funnel_equals_the_computation_over_every_transition(db_url) -> None:
     with TestClient(create_app(db_url, TOKENS)) as c:
         for group_by in (None, "source", "campaign", "cohort"):
             for rng_ in ((None, None), (date(2026, 1, 20), None), (None, date(2026, 2, 10)),
-                         (date(2026, 1, 25), date(2026, 3, 1))):
+                         (date(2026, 1, 25), date(2026, 3, 1)), (date(2026, 2, 3), date(2026, 2, 20)),
+                         (date(2026, 2, 1), date(2026, 3, 31)), (date(2026, 1, 1), None), (None, date(2026, 2, 28)),
+                         (date(2026, 1, 31), date(2026, 2, 1))):
                 q = "/v1/funnel?" + "&".join(
                     [f"group_by={group_by}"] * (group_by is not None)
                     + [f"from={rng_[0]}"] * (rng_[0] is not None) + [f"to={rng_[1]}"] * (rng_[1] is not None))
@@ -270,7 +272,7 @@ def test_funnel_equals_the_computation_over_every_transition(db_url) -> None:
 
     from projections.sql_writer import rebuild_funnel
 
-    names = ["funnel_leads", "funnel_durations", "funnel_daily"]
+    names = ["funnel_leads", "funnel_durations", "funnel_daily", "funnel_monthly"]
     kept = dump(db_url, names)
     engine = sql_schema.make_engine(db_url)
     try:

@@ -71,7 +71,7 @@ def upgrade() -> None:
     op.create_index("ix_funnel_daily_day", "funnel_daily", ["day"])
     from projections.sql_writer import rebuild_funnel
 
-    rebuild_funnel(op.get_bind())
+    rebuild_funnel(op.get_bind(), monthly_table=False)   # funnel_monthly comes with 0006
 
 
 def downgrade() -> None:
