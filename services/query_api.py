@@ -263,7 +263,8 @@ def _sums_query(group_by: Optional[str], date_from: Optional[date], date_to: Opt
     return q.group_by(u.c.g) if group_by is not None else q
 
 
-def funnel_groups(conn, group_by: Optional[str], date_from: Optional[date], date_to: Optional[date]) -> dict:
+def funnel_groups(conn, group_by: Optional[str], date_from: Optional[date], date_to: Optional[date],
+                  side: Optional[tuple] = None) -> dict:
     """``{group: funnel numbers (as funnel_metrics, "reached" included)}`` for the leads whose first touch falls in
     [date_from, date_to] (UTC dates), from funnel_daily and funnel_durations."""
     sums = {r["g"]: r for r in conn.execute(_sums_query(group_by, date_from, date_to)).mappings().all()
@@ -272,7 +273,28 @@ def funnel_groups(conn, group_by: Optional[str], date_from: Optional[date], date
     for g, r in sums.items():
         wanted += [(g, "stay", s, int(r[f"n_stay_{s}"])) for s in STAGES if r[f"n_stay_{s}"]]
         wanted += [(g, m, "", int(r[f"n_{m}"])) for m in DURATION_METRICS[1:] if r[f"n_{m}"]]
-    mid = _middles(conn, group_by, wanted, date_from, date_to)
+    if side is not None and conn.dialect.name == "postgresql" and len(wanted) > 1:
+        # on PostgreSQL the index walks are most of the time: half of them (by length) on a second connection
+        pool, engine = side
+        order = sorted(range(len(wanted)), key=lambda i: -wanted[i][3])
+        halves: tuple[list, list] = ([], [])
+        load = [0, 0]
+        for i in order:
+            k = 0 if load[0] <= load[1] else 1
+            halves[k].append(wanted[i])
+            load[k] += wanted[i][3]
+
+        def other() -> dict:
+            with engine.connect() as c:
+                return _middles(c, group_by, halves[1], date_from, date_to)
+
+        fut = pool.submit(other)
+        try:
+            mid = _middles(conn, group_by, halves[0], date_from, date_to)
+        finally:
+            mid.update(fut.result())
+    else:
+        mid = _middles(conn, group_by, wanted, date_from, date_to)
     out = {}
     for g, r in sums.items():
         conversion = []
@@ -446,7 +468,7 @@ def create_app(database_url: str, tokens: dict[str, str] | None = None) -> FastA
         sla_future = _side_pool.submit(sla_part)
         try:
             with engine.connect() as conn:
-                groups = funnel_groups(conn, group_by, date_from, date_to)
+                groups = funnel_groups(conn, group_by, date_from, date_to, side=(_side_pool, engine))
         finally:
             sla = sla_future.result()
         out = []
@@ -469,7 +491,8 @@ def create_app(database_url: str, tokens: dict[str, str] | None = None) -> FastA
     ):
         _check_range(date_from, date_to)
         with engine.connect() as conn:
-            m = funnel_groups(conn, None, date_from, date_to).get(None) or funnel_metrics([])
+            m = funnel_groups(conn, None, date_from, date_to, side=(_side_pool, engine)).get(None) \
+                or funnel_metrics([])
         rate = {(c["from"], c["to"]): c["rate"] for c in m["conversion"]}
 
         def chain(start: str) -> float | None:
