@@ -91,6 +91,12 @@ leads = sa.Table(
     sa.Index("ix_leads_stage_score_lead", "stage", "score", "lead"),
     sa.Index("ix_leads_stage_updated_at_lead", "stage", "updated_at", "lead"),
     sa.Index("ix_leads_owner_score_lead", "owner", "score", "lead"),
+    # revision 0007: pages of one first source / first campaign / owner
+    sa.Index("ix_leads_source_score_lead", "first_source", "score", "lead"),
+    sa.Index("ix_leads_source_updated_at_lead", "first_source", "updated_at", "lead"),
+    sa.Index("ix_leads_campaign_score_lead", "first_campaign", "score", "lead"),
+    sa.Index("ix_leads_campaign_updated_at_lead", "first_campaign", "updated_at", "lead"),
+    sa.Index("ix_leads_owner_updated_at_lead", "owner", "updated_at", "lead"),
 )
 
 lead_stage_history = sa.Table(
