@@ -314,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = infra.InfraConfig.from_env()
     infra.pg_up(cfg)
     url = ensure_data(cfg.pg_port, a.leads, a.seed, a.reload)
-    print(f"transport: {a.transport}")
+    print(f"transport: {a.transport}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     res = asyncio.run(main_async(a, url))
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for endpoint, goal in (("leads", 50.0), ("funnel", 500.0)):
         xs = res[endpoint]
         if not xs:
