@@ -214,14 +214,47 @@ def _reference_funnel(url: str, group_by, date_from, date_to) -> dict:
     return {g: {k: v for k, v in funnel_metrics(rows).items() if k != "reached"} for g, rows in groups.items()}
 
 
+def _reference_sla(url: str, group_by, date_from, date_to) -> dict:
+    """The SLA section as it was defined before funnel_handoffs: every hand-off joined with its lead, in Python."""
+    from datetime import datetime, time, timezone
+
+    from projections.sql_schema import handoffs, leads
+    from services.alerts_store import _sla_metrics, _sla_minutes
+
+    gcol = {"source": leads.c.first_source, "campaign": leads.c.first_campaign, "cohort": leads.c.cohort,
+            None: sa.literal(None)}[group_by]
+    q = sa.select(gcol, handoffs.c.time_to_first_touch_s).select_from(
+        handoffs.join(leads, leads.c.lead == handoffs.c.lead))
+    if date_from is not None:
+        q = q.where(leads.c.first_touch_at >= datetime.combine(date_from, time(), timezone.utc))
+    if date_to is not None:
+        q = q.where(leads.c.first_touch_at < datetime.combine(date_to + timedelta(days=1), time(), timezone.utc))
+    engine = sql_schema.make_engine(url)
+    groups: dict = {}
+    try:
+        with engine.connect() as conn:
+            for g, secs in conn.execute(q):
+                groups.setdefault(g, []).append((secs, None))
+    finally:
+        engine.dispose()
+    sla_s = _sla_minutes() * 60
+    out = {"sla_minutes": sla_s / 60, "source": "handoffs",
+           **_sla_metrics([r for rs in groups.values() for r in rs], sla_s)}
+    if group_by is not None:
+        out["groups"] = [{"group": g, **_sla_metrics(groups[g], sla_s)}
+                         for g in sorted(groups, key=lambda x: (x is None, str(x)))]
+    return out
+
+
 def test_funnel_equals_the_computation_over_every_transition(db_url) -> None:
     """Random journeys (recycling, repeated stages, ties, late first touches, null campaigns) applied in random
-    batches: the funnel read from the projector's aggregates equals funnel_metrics over the raw transitions, for
-    every grouping and date range, medians included (odd and even counts)."""
+    batches: the funnel read from the projector's aggregates equals funnel_metrics over the raw transitions, and its
+    SLA section equals _sla_metrics over every hand-off joined with its lead, for every grouping and date range,
+    medians included (odd and even counts)."""
     import random
     from datetime import date
 
-    from tests.projections_support import staged
+    from tests.projections_support import handed, staged
 
     rng = random.Random(5)
     recs: list[dict] = []
@@ -234,6 +267,12 @@ def test_funnel_equals_the_computation_over_every_transition(db_url) -> None:
             to = "known" if n == 1 else rng.choice(stages)
             at = at + timedelta(hours=rng.choice([0, 6, 12, 24, 36, 48, 49.5]))
             recs.append(staged(lead, n, at, prev, to, f"{lead}-c{n}"))
+            if to == "mql":   # its hand-off, sometimes followed by a sales call (time to first touch)
+                ep = sum(1 for r in recs if r.get("type") == "lead_handed_off" and r["lead"] == lead) + 1
+                recs.append(handed(lead, ep, at, f"{lead}-c{n}"))
+                if rng.random() < 0.6:
+                    recs.append(touchpoint(lead, f"{lead}-call{n}", "call_logged",
+                                           at + timedelta(minutes=rng.choice([5, 20, 90])), source="crm"))
             prev = to
         first = start + timedelta(hours=rng.choice([-30, -2, 0, 5]))
         recs.append(touchpoint(lead, f"{lead}-t1", "page_viewed", first, source=rng.choice(["web", "form", "pixel"]),
@@ -260,8 +299,9 @@ def test_funnel_equals_the_computation_over_every_transition(db_url) -> None:
                 q = "/v1/funnel?" + "&".join(
                     [f"group_by={group_by}"] * (group_by is not None)
                     + [f"from={rng_[0]}"] * (rng_[0] is not None) + [f"to={rng_[1]}"] * (rng_[1] is not None))
-                got = {g["group"]: {k: v for k, v in g.items() if k != "group"}
-                       for g in c.get(q, headers=BI).json()["groups"]}
+                body = c.get(q, headers=BI).json()
+                got = {g["group"]: {k: v for k, v in g.items() if k != "group"} for g in body["groups"]}
+                assert body["sla"] == _reference_sla(db_url, group_by, *rng_), q
                 want = _reference_funnel(db_url, group_by, *rng_)
                 if not want and group_by is None:
                     assert got[None]["leads"] == 0
@@ -270,14 +310,16 @@ def test_funnel_equals_the_computation_over_every_transition(db_url) -> None:
     # kept incrementally by the projector, the funnel tables equal a recount from the stored history
     from tests.projections_support import dump
 
-    from projections.sql_writer import rebuild_funnel
+    from projections.sql_writer import rebuild_funnel, rebuild_funnel_handoffs
 
-    names = ["funnel_leads", "funnel_durations", "funnel_daily", "funnel_monthly"]
+    names = ["funnel_leads", "funnel_durations", "funnel_daily", "funnel_monthly", "funnel_handoffs"]
     kept = dump(db_url, names)
+    assert kept["funnel_handoffs"] and any(r[-1] is not None for r in kept["funnel_handoffs"])
     engine = sql_schema.make_engine(db_url)
     try:
         with engine.begin() as conn:
             assert rebuild_funnel(conn, chunk=7) == 60
+            assert rebuild_funnel_handoffs(conn, chunk=7) == len(kept["funnel_handoffs"])
     finally:
         engine.dispose()
     assert dump(db_url, names) == kept
