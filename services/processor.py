@@ -60,8 +60,12 @@ class QuietWorker(faust.Worker):
 
 
 def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_id: str | None = None,
-               batch_size: int = 500, batch_within: float = 0.05) -> faust.App:
+               batch_size: int | None = None, batch_within: float | None = None) -> faust.App:
     cfg = cfg or load_settings()
+    # A batch costs a few broker round trips (derived sends, changelog, flush): larger batches amortise them,
+    # a longer window adds up to that much latency per stage when the input is quiet.
+    batch_size = batch_size or int(os.environ.get("LEADLEDGER_BATCH_SIZE", "500"))
+    batch_within = batch_within or float(os.environ.get("LEADLEDGER_BATCH_WITHIN", "0.05"))
     os.makedirs(os.path.join(ROOT, "var", "processor"), exist_ok=True)
     book = rules or RuleBook.from_paths(list(cfg.rules_paths) or default_rules_paths())
     t = cfg.topics
