@@ -144,11 +144,17 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         consumer = app.consumer
         if app.rebalancing or not app.tables.recovery.completed.is_set():
             stalled_since.clear()
+            unfetched_since.clear()
             return
         now = asyncio.get_running_loop().time()
         for tp in consumer.assignment():
-            if tp.topic not in watched or tp not in progress:
-                continue  # only partitions this process has been handed records of
+            if tp.topic not in watched:
+                continue
+            if tp not in progress:
+                await _never_fetched(consumer, tp, now)  # e.g. taken over from a dead worker
+                if app.crashed:
+                    return
+                continue
             hw = consumer.highwater(tp)
             seen = progress[tp]
             if hw is None or hw - 1 <= seen:
@@ -162,6 +168,26 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                           "stopping the worker so it restarts", tp.topic, tp.partition, now - first[1], seen, hw)
                 await app.crash(RuntimeError(f"stalled partition {tp}"))
                 return
+
+    unfetched_since: dict[Any, tuple[int, float]] = {}
+
+    async def _never_fetched(consumer: Any, tp: Any, now: float) -> None:
+        """A partition with a backlog that this process has not been handed one record of: its fetch position must
+        move within `stall_after`, else faust's fetcher has lost it (seen after a takeover) and the worker stops."""
+        pos = await consumer.position(tp)
+        if pos is None:
+            return
+        hw = (await consumer.highwaters(tp)).get(tp)
+        if hw is None or pos >= hw:
+            unfetched_since.pop(tp, None)
+            return
+        first = unfetched_since.setdefault(tp, (pos, now))
+        if first[0] != pos:
+            unfetched_since[tp] = (pos, now)
+        elif now - first[1] >= stall_after:
+            log.error("partition %s/%s was never fetched for %.0fs with a backlog (position %s, highwater %s): "
+                      "stopping the worker so it restarts", tp.topic, tp.partition, now - first[1], pos, hw)
+            await app.crash(RuntimeError(f"never fetched partition {tp}"))
 
     @app.agent(stage1_in, name="identity")
     async def identity_agent(stream: faust.StreamT) -> Any:
