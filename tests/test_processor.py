@@ -76,3 +76,46 @@ async def test_journey_through_ingest_ends_with_handoff(kafka_bootstrap: str, un
         assert [(a["lead"], a["first_event_id"]) for a in alerts] == [(aiko, f"{unique}-p2")]
     finally:
         worker.stop()
+
+
+async def test_a_lost_join_request_is_asked_again(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    """A lead waiting for stage 1's join answer asks again: here the identified event is written straight to the
+    lead-keyed log, as if its join request had been lost (faust was seen to commit one it never handed over)."""
+    from projections.fold import Ledger
+    from projections.rules import RuleBook
+    from services.kafka_io import produce_events
+    from services.processor import default_rules_paths
+
+    env = topic_env(unique)
+    cfg = settings_for(env, kafka_bootstrap)
+    await ensure_topics(kafka_bootstrap, cfg.topics.all(), cfg.partitions)
+    now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    cookie, email = f"anon-{unique}", f"lost-{unique}@example.jp"
+    view = {"event_id": f"{unique}-v1", "type": "page_viewed", "occurred_at": now, "received_at": now,
+            "lead_id": None, "anonymous_id": cookie, "email": None, "source": "web", "campaign": None,
+            "payload": {"url": "https://example.jp/pricing"}, "schema_version": 2}
+    form = dict(view, event_id=f"{unique}-f1", type="form_submitted", email=email,
+                payload={"form_id": "contact", "fields": {"name": "Lost", "company": "Acme"}})
+    worker = Worker(env, kafka_bootstrap, tmp_path / "worker.log", extra={"LEADLEDGER_JOIN_RETRY_SECONDS": "2"})
+    worker.start()
+    try:
+        await produce_events(kafka_bootstrap, cfg.topics.touchpoints, [view])  # stage 1 folds the cookie
+        await produce_events(kafka_bootstrap, cfg.topics.by_lead, [form])      # no join request is ever sent
+        scored: dict = {}
+
+        async def scored_with_history() -> bool:
+            worker.check_alive()
+            scored.update(latest_by_lead(await read_topic(kafka_bootstrap, cfg.topics.scores)))
+            return email in scored
+
+        await wait_for(scored_with_history, timeout=90, what="the lead scored after asking again")
+        book = RuleBook.from_paths(default_rules_paths())
+        joined, alone = Ledger(book), Ledger(book)
+        joined.apply(view)
+        joined.apply(form)
+        alone.apply(form)
+        assert joined.leads[email].eng > alone.leads[email].eng  # the anonymous pricing view counts...
+        assert scored[email]["engagement"] == pytest.approx(joined.leads[email].eng)  # ...live too
+        assert "asking the identity stage again" in worker.log_path.read_text(errors="replace")
+    finally:
+        worker.stop()
