@@ -31,7 +31,6 @@ from typing import Any, AsyncIterator
 
 import faust
 import orjson
-from aiokafka.partitioner import murmur2
 
 from events.upcast import upcast
 from events.wire import decode
@@ -251,52 +250,6 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 if touched:
                     await app.producer.flush()
 
-    # key -> [anonymous id, request event id, since]: leads holding records back until stage 1 answers a join
-    # request. faust at_least_once was seen to commit a join request it never handed to the identity agent
-    # (after a worker died and its partitions moved): without an answer the lead would hold its events forever.
-    waiting: dict[bytes, list[Any]] = {}
-    retry_after = float(os.environ.get("LEADLEDGER_JOIN_RETRY_SECONDS", "15"))
-    scan = {"done": False}
-
-    def _note_waiting(k: bytes, st: lead_log.LeadLogState, now: float) -> None:
-        if st.pending is None:
-            waiting.pop(k, None)
-        elif k not in waiting or waiting[k][1] != st.pending[1]:
-            waiting[k] = [st.pending[0], st.pending[1], now]
-
-    @app.timer(interval=max(1.0, retry_after / 3))
-    async def join_retry() -> None:
-        """Ask stage 1 again for a join answer a lead has waited for longer than `retry_after`. Safe to repeat:
-        whichever request stage 1 handles first decides the join (and carries the anonymous state), later answers
-        carry none and a lead applies only the answer it waits for (`lead_log.apply`)."""
-        if app.rebalancing or not app.tables.recovery.completed.is_set():
-            scan["done"] = False
-            return
-        mine = {tp.partition for tp in app.consumer.assignment() if tp.topic == t.by_lead}
-        now = asyncio.get_running_loop().time()
-        if not scan["done"]:  # after a restart or a rebalance: the restored leads that wait
-            waiting.clear()
-            for k, raw in list(leads.items()):
-                if raw and (murmur2(k) & 0x7FFFFFFF) % cfg.partitions in mine:
-                    _note_waiting(k, lead_log.LeadLogState.from_bytes(raw), now)
-            scan["done"] = True
-        asks: list[tuple[faust.TopicT, bytes, bytes]] = []
-        for k, (aid, rid, since) in list(waiting.items()):
-            if now - since < retry_after:
-                continue
-            raw = leads.get(k) if (murmur2(k) & 0x7FFFFFFF) % cfg.partitions in mine else None
-            st = lead_log.LeadLogState.from_bytes(raw) if raw else None
-            if st is None or st.pending is None or st.pending[1] != rid:
-                waiting.pop(k, None)
-                continue
-            asks.append((by_anon, aid.encode(), orjson.dumps({"anonymous_id": aid, "lead": k.decode(),
-                                                               "event_id": rid})))
-            waiting[k][2] = now
-        if asks:
-            log.warning("asking the identity stage again for %d join answer(s) waited for > %.0fs",
-                        len(asks), retry_after)
-            await send_all(asks)
-
     @app.agent(by_lead, name="leads")
     async def lead_agent(stream: faust.StreamT) -> Any:
         async with _crash_worker_on_error(app):
@@ -327,11 +280,9 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                         sends.append((out_topics[d["type"]], key, orjson.dumps(d)))
                 await send_all(sends)  # derived events are durable before the state that produced them
                 await ensure_changelog_metadata(leads)
-                now = asyncio.get_running_loop().time()
                 for k, st in states.items():
                     if st is not None:
                         leads[k] = st.to_bytes()
-                        _note_waiting(k, st, now)
                 await app.producer.flush()
 
     return app
