@@ -188,17 +188,15 @@ def test_forecast(client) -> None:
     assert empty["mqls_needed"] is None and empty["thin_history"] is True
 
 
-def _reference_funnel(url: str, group_by, date_from, date_to) -> dict:
-    """funnel_metrics over every transition, grouped as the API groups (the computation the aggregates replace)."""
+def _grouped_rows(url: str, group_by, date_from, date_to, cols: list, joined) -> dict:
+    """Rows of `cols` from `joined` (a join with `leads`), grouped as the API groups and filtered by first touch."""
     from datetime import datetime, time, timezone
 
-    from projections.sql_schema import lead_stage_history as h, leads
-    from services.query_api import funnel_metrics
+    from projections.sql_schema import leads
 
     gcol = {"source": leads.c.first_source, "campaign": leads.c.first_campaign, "cohort": leads.c.cohort,
             None: sa.literal(None)}[group_by]
-    q = sa.select(gcol, h.c.lead, leads.c.first_touch_at, h.c.to_stage, h.c.at, h.c.left_at) \
-        .select_from(h.join(leads, leads.c.lead == h.c.lead))
+    q = sa.select(gcol, *cols).select_from(joined)
     if date_from is not None:
         q = q.where(leads.c.first_touch_at >= datetime.combine(date_from, time(), timezone.utc))
     if date_to is not None:
@@ -211,32 +209,28 @@ def _reference_funnel(url: str, group_by, date_from, date_to) -> dict:
                 groups.setdefault(g, []).append(tuple(row))
     finally:
         engine.dispose()
+    return groups
+
+
+def _reference_funnel(url: str, group_by, date_from, date_to) -> dict:
+    """funnel_metrics over every transition, grouped as the API groups (the computation the aggregates replace)."""
+    from projections.sql_schema import lead_stage_history as h, leads
+    from services.query_api import funnel_metrics
+
+    groups = _grouped_rows(url, group_by, date_from, date_to,
+                           [h.c.lead, leads.c.first_touch_at, h.c.to_stage, h.c.at, h.c.left_at],
+                           h.join(leads, leads.c.lead == h.c.lead))
     return {g: {k: v for k, v in funnel_metrics(rows).items() if k != "reached"} for g, rows in groups.items()}
 
 
 def _reference_sla(url: str, group_by, date_from, date_to) -> dict:
     """The SLA section as it was defined before funnel_handoffs: every hand-off joined with its lead, in Python."""
-    from datetime import datetime, time, timezone
-
     from projections.sql_schema import handoffs, leads
     from services.alerts_store import _sla_metrics, _sla_minutes
 
-    gcol = {"source": leads.c.first_source, "campaign": leads.c.first_campaign, "cohort": leads.c.cohort,
-            None: sa.literal(None)}[group_by]
-    q = sa.select(gcol, handoffs.c.time_to_first_touch_s).select_from(
-        handoffs.join(leads, leads.c.lead == handoffs.c.lead))
-    if date_from is not None:
-        q = q.where(leads.c.first_touch_at >= datetime.combine(date_from, time(), timezone.utc))
-    if date_to is not None:
-        q = q.where(leads.c.first_touch_at < datetime.combine(date_to + timedelta(days=1), time(), timezone.utc))
-    engine = sql_schema.make_engine(url)
-    groups: dict = {}
-    try:
-        with engine.connect() as conn:
-            for g, secs in conn.execute(q):
-                groups.setdefault(g, []).append((secs, None))
-    finally:
-        engine.dispose()
+    groups = {g: [(secs, None) for (secs,) in rows] for g, rows in _grouped_rows(
+        url, group_by, date_from, date_to, [handoffs.c.time_to_first_touch_s],
+        handoffs.join(leads, leads.c.lead == handoffs.c.lead)).items()}
     sla_s = _sla_minutes() * 60
     out = {"sla_minutes": sla_s / 60, "source": "handoffs",
            **_sla_metrics([r for rs in groups.values() for r in rs], sla_s)}
