@@ -134,7 +134,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
     progress: dict[Any, int] = {}  # last offset handed to an agent, per input partition
     stall_after = float(os.environ.get("LEADLEDGER_STALL_SECONDS", "60"))
     watched = {t.touchpoints, by_anon_name, t.by_lead}
-    stalled_since: dict[Any, tuple[tuple[str, int], float]] = {}
+    stalled_since: dict[Any, tuple[int, float]] = {}
 
     @app.timer(interval=max(1.0, stall_after / 6))
     async def stall_watchdog() -> None:
@@ -144,29 +144,50 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         consumer = app.consumer
         if app.rebalancing or not app.tables.recovery.completed.is_set():
             stalled_since.clear()
+            unfetched_since.clear()
             return
         now = asyncio.get_running_loop().time()
         for tp in consumer.assignment():
             if tp.topic not in watched:
                 continue
-            if tp in progress:  # the last offset handed to an agent must move while there is a backlog...
-                what, mark, hw = "handed to the agent", progress[tp], consumer.highwater(tp)
-                backlog = hw is not None and hw - 1 > mark
-            else:  # ...and before the first record (e.g. taken over from a dead worker), the fetch position
-                what, mark = "fetched", await consumer.position(tp)
-                hw = (await consumer.highwaters(tp)).get(tp) if mark is not None else None
-                backlog = hw is not None and mark < hw
-            if not backlog:
+            if tp not in progress:
+                await _never_fetched(consumer, tp, now)  # e.g. taken over from a dead worker
+                if app.crashed:
+                    return
+                continue
+            hw = consumer.highwater(tp)
+            seen = progress[tp]
+            if hw is None or hw - 1 <= seen:
                 stalled_since.pop(tp, None)
                 continue
-            first = stalled_since.get(tp)
-            if first is None or first[0] != (what, mark):
-                stalled_since[tp] = ((what, mark), now)
+            first = stalled_since.setdefault(tp, (seen, now))
+            if first[0] != seen:
+                stalled_since[tp] = (seen, now)
             elif now - first[1] >= stall_after:
-                log.error("partition %s/%s: nothing %s for %.0fs with a backlog (at %s, highwater %s): "
-                          "stopping the worker so it restarts", tp.topic, tp.partition, what, now - first[1], mark, hw)
+                log.error("partition %s/%s has not advanced for %.0fs with a backlog (at %s, highwater %s): "
+                          "stopping the worker so it restarts", tp.topic, tp.partition, now - first[1], seen, hw)
                 await app.crash(RuntimeError(f"stalled partition {tp}"))
                 return
+
+    unfetched_since: dict[Any, tuple[int, float]] = {}
+
+    async def _never_fetched(consumer: Any, tp: Any, now: float) -> None:
+        """A partition with a backlog that this process has not been handed one record of: its fetch position must
+        move within `stall_after`, else faust's fetcher has lost it (seen after a takeover) and the worker stops."""
+        pos = await consumer.position(tp)
+        if pos is None:
+            return
+        hw = (await consumer.highwaters(tp)).get(tp)
+        if hw is None or pos >= hw:
+            unfetched_since.pop(tp, None)
+            return
+        first = unfetched_since.setdefault(tp, (pos, now))
+        if first[0] != pos:
+            unfetched_since[tp] = (pos, now)
+        elif now - first[1] >= stall_after:
+            log.error("partition %s/%s was never fetched for %.0fs with a backlog (position %s, highwater %s): "
+                      "stopping the worker so it restarts", tp.topic, tp.partition, now - first[1], pos, hw)
+            await app.crash(RuntimeError(f"never fetched partition {tp}"))
 
     @app.agent(stage1_in, name="identity")
     async def identity_agent(stream: faust.StreamT) -> Any:
