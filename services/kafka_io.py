@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Iterable
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -35,6 +35,29 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
                 pass
     finally:
         await admin.close()
+
+
+async def records_between(bootstrap: str, topic: str, partition: int, start: int, end: int,
+                          timeout_s: float = 10.0) -> bool:
+    """Whether the partition's log holds a record at an offset in [start, end) (read uncommitted, as a consumer
+    that does not use transactions sees it). Offsets with no record are transaction markers or compacted away.
+    Unsure (no answer within the timeout) counts as yes: the caller treats it as records it was not handed."""
+    tp = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            got = (await consumer.getmany(tp, timeout_ms=500, max_records=1)).get(tp)
+            if got:
+                return got[0].offset < end
+            if await consumer.position(tp) >= end:
+                return False
+        return True
+    finally:
+        await consumer.stop()
 
 
 async def _ready(bootstrap: str) -> bool:

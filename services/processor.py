@@ -37,6 +37,7 @@ from events.wire import decode
 from projections import fold as core
 from projections import lead_log
 from projections.rules import RuleBook
+from services import kafka_io
 from services.config import Settings, settings as load_settings
 
 log = logging.getLogger("leadledger.processor")
@@ -152,8 +153,6 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 continue
             if tp not in progress:
                 await _never_fetched(consumer, tp, now)  # e.g. taken over from a dead worker
-                if app.crashed:
-                    return
                 continue
             hw = consumer.highwater(tp)
             seen = progress[tp]
@@ -164,10 +163,8 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
             if first[0] != seen:
                 stalled_since[tp] = (seen, now)
             elif now - first[1] >= stall_after:
-                log.error("partition %s/%s has not advanced for %.0fs with a backlog (at %s, highwater %s): "
-                          "stopping the worker so it restarts", tp.topic, tp.partition, now - first[1], seen, hw)
-                await app.crash(RuntimeError(f"stalled partition {tp}"))
-                return
+                _stop_hard(f"partition {tp.topic}/{tp.partition} has not advanced for {now - first[1]:.0f}s with a "
+                           f"backlog (at {seen}, highwater {hw})")
 
     unfetched_since: dict[Any, tuple[int, float]] = {}
 
@@ -185,19 +182,44 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         if first[0] != pos:
             unfetched_since[tp] = (pos, now)
         elif now - first[1] >= stall_after:
-            log.error("partition %s/%s was never fetched for %.0fs with a backlog (position %s, highwater %s): "
-                      "stopping the worker so it restarts", tp.topic, tp.partition, now - first[1], pos, hw)
-            await app.crash(RuntimeError(f"never fetched partition {tp}"))
+            _stop_hard(f"partition {tp.topic}/{tp.partition} was never fetched for {now - first[1]:.0f}s with a "
+                       f"backlog (position {pos}, highwater {hw})")
+
+    generation_of: dict[Any, int] = {}  # consumer generation in which `progress` was last handed over
+
+    async def handed_over(batch: list[faust.EventT]) -> None:
+        """Check, before anything of the batch is folded or sent, that no input record was skipped.
+
+        faust-streaming can drop records it fetched (a fetch cut short while partitions are paused or the flow is
+        stopped around a rebalance or table recovery) and later fill the hole in its offset bookkeeping as a "gap",
+        so the next commit moves past records no agent was handed: a lost join answer holds a lead forever, a lost
+        touchpoint is never scored (seen in the SIGKILL-restart and two-worker fail-over tests). A jump in the
+        offsets handed to us within one consumer generation is that hole, unless the log itself has none of the
+        records in between (transaction markers, compaction): then the worker stops at once, before this batch is
+        acked, so the committed offset stays below the hole and the restart re-reads it."""
+        gen = app.consumer_generation_id
+        committed = getattr(app.consumer, "_committed_offset", {})  # faust's own: where it sought after assignment
+        for ev in batch:
+            tp, off = ev.message.tp, ev.message.offset
+            if generation_of.get(tp) == gen:
+                expected = progress[tp] + 1
+            else:  # first record of this assignment: faust sought to the committed offset
+                expected = committed.get(tp)
+                generation_of[tp] = gen
+            progress[tp] = off
+            if expected is not None and off > expected and await kafka_io.records_between(
+                    cfg.bootstrap, tp.topic, tp.partition, expected, off):
+                _stop_hard(f"faust skipped records {expected}..{off - 1} of {tp.topic}/{tp.partition}")
 
     @app.agent(stage1_in, name="identity")
     async def identity_agent(stream: faust.StreamT) -> Any:
-        async with _crash_worker_on_error(app):
+        async with _crash_worker_on_error():
             async for batch in stream.take_events(batch_size, within=batch_within):
                 sends: list[tuple[faust.TopicT, bytes, bytes]] = []
                 requests: list[tuple[faust.TopicT, bytes, bytes]] = []
                 touched: dict[bytes, bytes] = {}
+                await handed_over(batch)
                 for ev in batch:
-                    progress[ev.message.tp] = ev.message.offset
                     if ev.message.topic != t.touchpoints:  # a join request, keyed by its anonymous id
                         req = orjson.loads(ev.value)
                         akey = req["anonymous_id"].encode()
@@ -252,13 +274,13 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
 
     @app.agent(by_lead, name="leads")
     async def lead_agent(stream: faust.StreamT) -> Any:
-        async with _crash_worker_on_error(app):
+        async with _crash_worker_on_error():
             async for batch in stream.take_events(batch_size, within=batch_within):
+                await handed_over(batch)
                 sends: list[tuple[faust.TopicT, bytes, bytes]] = []
                 states: dict[bytes, lead_log.LeadLogState | None] = {}
                 for ev in batch:
                     key = ev.key
-                    progress[ev.message.tp] = ev.message.offset
                     if key in states:
                         st = states[key]
                     else:
@@ -289,16 +311,32 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
 
 
 @contextlib.asynccontextmanager
-async def _crash_worker_on_error(app: faust.App) -> AsyncIterator[None]:
+async def _crash_worker_on_error() -> AsyncIterator[None]:
     """An agent that dies must take the worker down (a live process folding nothing is worse: nobody notices)."""
     try:
         yield
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
+    except Exception:
         log.exception("agent crashed; stopping the worker")
-        await app.crash(exc)
-        raise
+        _exit_now(1)
+
+
+def _stop_hard(reason: str) -> None:
+    """Stop the worker at once so that its supervisor restarts it; nothing is lost, input is re-read from the
+    committed offsets and deduplicated by event id."""
+    log.error("%s: stopping the worker so it restarts", reason)
+    _exit_now(70)
+
+
+def _exit_now(code: int) -> None:
+    """Exit like SIGKILL, which the processor is built to survive. Not faust's graceful stop: that finalises the
+    agent's batch iterator, which acks the batch in flight, and commits on the way down — a half-done batch (or
+    one past records faust skipped) would be committed and lost."""
+    for h in logging.getLogger().handlers + log.handlers:
+        h.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _pack_identity(kind: bytes, upto: int, body: bytes) -> bytes:
