@@ -42,6 +42,8 @@ from services.config import Settings, settings as load_settings
 
 log = logging.getLogger("leadledger.processor")
 
+RESTART_EXIT = 70  # exit status of a worker that stopped on purpose and asks its supervisor for a restart
+
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -326,7 +328,7 @@ def _stop_hard(reason: str) -> None:
     """Stop the worker at once so that its supervisor restarts it; nothing is lost, input is re-read from the
     committed offsets and deduplicated by event id."""
     log.error("%s: stopping the worker so it restarts", reason)
-    _exit_now(70)
+    _exit_now(RESTART_EXIT)
 
 
 def _exit_now(code: int) -> None:

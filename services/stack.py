@@ -22,6 +22,7 @@ import httpx
 from deploy import infra
 from services.config import settings
 from services.kafka_io import ensure_topics
+from services.processor import RESTART_EXIT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,10 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[tuple[str, subprocess.Popen]] = []
     try:
-        for name, args in _services():
+        def start(name: str, args: list[str]) -> subprocess.Popen:
             out = open(logs / f"{name}.log", "ab")
-            procs.append((name, subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT,
-                                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)))
+            return subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+        for name, args in _services():
+            procs.append((name, start(name, args)))
             print(f"[stack] {name} started (log: {logs / (name + '.log')})")
         port = os.environ.get("LEADLEDGER_INGEST_PORT", "8080")
         _wait_ready(f"http://127.0.0.1:{port}/readyz")
@@ -76,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             return demo.main(["--ingest-url", f"http://127.0.0.1:{port}"])
         print("[stack] running; Ctrl-C stops the services (the broker and PostgreSQL keep running: "
               "`leadledger infra down`)")
-        while all(pr.poll() is None for _, pr in procs):
+        while True:
+            for i, (name, pr) in enumerate(procs):
+                if pr.poll() == RESTART_EXIT:  # a processor worker that stopped itself on purpose: restart it
+                    print(f"[stack] {name} asked for a restart (see its log); restarting", file=sys.stderr)
+                    procs[i] = (name, start(name, dict(_services())[name]))
+            if any(pr.poll() is not None for _, pr in procs):
+                break
             time.sleep(1)
         dead = [n for n, pr in procs if pr.poll() is not None]
         print(f"[stack] stopped: {', '.join(dead)} exited", file=sys.stderr)
