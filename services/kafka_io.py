@@ -7,7 +7,7 @@ ours lands a subject on the same partition as the broker-side tools would.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from typing import Iterable, Optional
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -37,25 +37,28 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
         await admin.close()
 
 
-async def records_between(bootstrap: str, topic: str, partition: int, start: int, end: int,
-                          timeout_s: float = 10.0) -> bool:
-    """Whether the partition's log holds a record at an offset in [start, end) (read uncommitted, as a consumer
-    that does not use transactions sees it). Offsets with no record are transaction markers or compacted away.
-    Unsure (no answer within the timeout) counts as yes: the caller treats it as records it was not handed."""
+async def record_offsets(bootstrap: str, topic: str, partition: int, start: int, end: int,
+                         timeout_s: float = 10.0) -> Optional[set[int]]:
+    """The offsets in [start, end) of the partition that hold records, read uncommitted (as a consumer that does
+    not use transactions sees them); the others are transaction markers or were compacted away. None when the
+    broker did not answer within the timeout (callers treat it as "records there")."""
     tp = TopicPartition(topic, partition)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                auto_offset_reset="earliest")
     await consumer.start()
     try:
         consumer.assign([tp])
         consumer.seek(tp, start)
+        found: set[int] = set()
         deadline = asyncio.get_running_loop().time() + timeout_s
         while asyncio.get_running_loop().time() < deadline:
-            got = (await consumer.getmany(tp, timeout_ms=500, max_records=1)).get(tp)
-            if got:
-                return got[0].offset < end
+            for m in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                if m.offset >= end:
+                    return found
+                found.add(m.offset)
             if await consumer.position(tp) >= end:
-                return False
-        return True
+                return found
+        return None
     finally:
         await consumer.stop()
 

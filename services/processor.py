@@ -187,31 +187,57 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
             _stop_hard(f"partition {tp.topic}/{tp.partition} was never fetched for {now - first[1]:.0f}s with a "
                        f"backlog (position {pos}, highwater {hw})")
 
-    generation_of: dict[Any, int] = {}  # consumer generation in which `progress` was last handed over
+    folded: dict[Any, set[int]] = {}  # input offsets whose batch is complete (derived sent, state stored)
 
-    async def handed_over(batch: list[faust.EventT]) -> None:
-        """Check, before anything of the batch is folded or sent, that no input record was skipped.
-
-        faust-streaming can drop records it fetched (a fetch cut short while partitions are paused or the flow is
-        stopped around a rebalance or table recovery) and later fill the hole in its offset bookkeeping as a "gap",
-        so the next commit moves past records no agent was handed: a lost join answer holds a lead forever, a lost
-        touchpoint is never scored (seen in the SIGKILL-restart and two-worker fail-over tests). A jump in the
-        offsets handed to us within one consumer generation is that hole, unless the log itself has none of the
-        records in between (transaction markers, compaction): then the worker stops at once, before this batch is
-        acked, so the committed offset stays below the hole and the restart re-reads it."""
-        gen = app.consumer_generation_id
-        committed = getattr(app.consumer, "_committed_offset", {})  # faust's own: where it sought after assignment
+    def handed_over(batch: list[faust.EventT]) -> None:
+        """Note the offsets handed to an agent (the stall watchdog reads them); guard faust's commits once."""
+        if not getattr(app.consumer, "_leadledger_guarded", False):
+            _guard_commits(app.consumer)
         for ev in batch:
-            tp, off = ev.message.tp, ev.message.offset
-            if generation_of.get(tp) == gen:
-                expected = progress[tp] + 1
-            else:  # first record of this assignment: faust sought to the committed offset
-                expected = committed.get(tp)
-                generation_of[tp] = gen
-            progress[tp] = off
-            if expected is not None and off > expected and await kafka_io.records_between(
-                    cfg.bootstrap, tp.topic, tp.partition, expected, off):
-                _stop_hard(f"faust skipped records {expected}..{off - 1} of {tp.topic}/{tp.partition}")
+            progress[ev.message.tp] = ev.message.offset
+
+    def batch_done(batch: list[faust.EventT]) -> None:
+        """The batch's effects are durable: its offsets may be committed (faust acks them after this)."""
+        for ev in batch:
+            folded.setdefault(ev.message.tp, set()).add(ev.message.offset)
+
+    def _guard_commits(consumer: Any) -> None:
+        """Refuse any commit that would move past an input record we did not fold.
+
+        faust-streaming 0.15.3 can drop records it fetched (a fetch cut short while partitions are paused or the
+        flow is stopped around a rebalance or table recovery) and, when the next fetch continues past them, record
+        the hole as a "gap" that its next commit treats as acknowledged: a lost join answer holds a lead forever, a
+        lost touchpoint is never scored (the SIGKILL-restart and two-worker fail-over flakes). So every commit of an
+        input partition is checked against the offsets whose batch completed here: a hole that the log confirms
+        holds records (not transaction markers) stops the worker at once, before the commit, and the restart
+        re-reads from below it. Checked at the commit, not on delivery: faust also hands over records out of order
+        around a rebalance (a prefetched one ahead of the re-read, faust #221), which is harmless."""
+        original = consumer._commit  # the driver's commit of the offsets faust decided on (at_least_once path)
+
+        async def checked_commit(offsets: Any) -> bool:
+            for tp, upto in offsets.items():
+                if tp.topic not in watched:
+                    continue
+                done = folded.get(tp, set())
+                base = consumer._committed_offset.get(tp)  # the commit before this one (faust's own record)
+                if base is None:
+                    base = min(done, default=upto)
+                missing = [o for o in range(base, upto) if o not in done]
+                if missing:
+                    present = await kafka_io.record_offsets(cfg.bootstrap, tp.topic, tp.partition,
+                                                            missing[0], missing[-1] + 1)
+                    missing = [o for o in missing if present is None or o in present]
+                if missing:
+                    _stop_hard(f"faust was about to commit {tp.topic}/{tp.partition} up to {upto} past "
+                               f"{len(missing)} record(s) never handed to us (from offset {missing[0]})")
+            result = await original(offsets)
+            for tp, upto in offsets.items():  # faust takes these as committed from here on, even when refused
+                if tp in folded:
+                    folded[tp] = {o for o in folded[tp] if o >= upto}
+            return result
+
+        consumer._commit = checked_commit
+        consumer._leadledger_guarded = True
 
     @app.agent(stage1_in, name="identity")
     async def identity_agent(stream: faust.StreamT) -> Any:
@@ -220,7 +246,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 sends: list[tuple[faust.TopicT, bytes, bytes]] = []
                 requests: list[tuple[faust.TopicT, bytes, bytes]] = []
                 touched: dict[bytes, bytes] = {}
-                await handed_over(batch)
+                handed_over(batch)
                 for ev in batch:
                     if ev.message.topic != t.touchpoints:  # a join request, keyed by its anonymous id
                         req = orjson.loads(ev.value)
@@ -273,12 +299,13 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                     identity[k] = v
                 if touched:
                     await app.producer.flush()
+                batch_done(batch)
 
     @app.agent(by_lead, name="leads")
     async def lead_agent(stream: faust.StreamT) -> Any:
         async with _crash_worker_on_error():
             async for batch in stream.take_events(batch_size, within=batch_within):
-                await handed_over(batch)
+                handed_over(batch)
                 sends: list[tuple[faust.TopicT, bytes, bytes]] = []
                 states: dict[bytes, lead_log.LeadLogState | None] = {}
                 for ev in batch:
@@ -308,6 +335,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                     if st is not None:
                         leads[k] = st.to_bytes()
                 await app.producer.flush()
+                batch_done(batch)
 
     return app
 

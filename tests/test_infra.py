@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from deploy import infra
-from services.kafka_io import ensure_topics, records_between
+from services.kafka_io import ensure_topics, record_offsets
 
 
 async def test_broker_round_trip(kafka_bootstrap: str, unique: str) -> None:
@@ -43,22 +43,22 @@ def test_second_start_reuses_the_cache(infra_cfg: infra.InfraConfig, kafka_boots
     assert infra.status(infra_cfg)["kafka"]["listening"] is True
 
 
-async def test_records_between_tells_a_hole_from_transaction_markers(kafka_bootstrap: str, unique: str) -> None:
-    """The processor's skipped-records guard asks the log whether offsets it was not handed hold records: a
-    transaction's commit marker takes an offset but is no record, so it must not count as one."""
+async def test_record_offsets_tells_records_from_transaction_markers(kafka_bootstrap: str, unique: str) -> None:
+    """The processor's commit guard asks the log which offsets it was not handed hold records: a transaction's
+    commit marker takes an offset but is no record, so it must not count as one."""
     topic = f"infra-gap-{unique}"
     await ensure_topics(kafka_bootstrap, [topic], partitions=1)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"tx-{unique}")
     await producer.start()
     try:
         offsets = []
-        for value in (b"a", b"b"):
+        for value in (b"a", b"b", b"c"):
             async with producer.transaction():
                 offsets.append((await producer.send_and_wait(topic, value, partition=0)).offset)
     finally:
         await producer.stop()
-    first, second = offsets
-    assert second == first + 2  # the commit marker of the first transaction sits in between
-    assert not await records_between(kafka_bootstrap, topic, 0, first + 1, second)
-    assert await records_between(kafka_bootstrap, topic, 0, first, second)
-    assert await records_between(kafka_bootstrap, topic, 0, first + 1, second + 1)
+    assert offsets == [offsets[0], offsets[0] + 2, offsets[0] + 4]  # a commit marker after each record
+    first = offsets[0]
+    assert await record_offsets(kafka_bootstrap, topic, 0, first, first + 5) == set(offsets)
+    assert await record_offsets(kafka_bootstrap, topic, 0, first + 1, first + 2) == set()
+    assert await record_offsets(kafka_bootstrap, topic, 0, first + 1, first + 4) == {first + 2}
