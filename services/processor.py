@@ -12,7 +12,8 @@ keyed by lead to topics with the same partition count (co-partitioned).
 
 Exactly once *in effect*, by construction rather than by faust's transactions (see README):
 - each batch: fold in memory → send derived events and await their acknowledgement → write each touched
-  table entry once → flush; faust commits offsets only after its producer flushed (at_least_once);
+  table entry once and await its changelog record's acknowledgement; only then does the agent take the next
+  batch, whose taking acks this one, and faust commits acked offsets only (at_least_once);
 - lead state remembers the last by-lead offset it folded, so a redelivered input is skipped; event ids are
   deduplicated in lead state for producer retries;
 - derived events carry deterministic ids, so the only possible effect of a crash between "derived sent" and
@@ -31,6 +32,7 @@ from typing import Any, AsyncIterator
 
 import faust
 import orjson
+from faust.types import TP
 
 from events.upcast import upcast
 from events.wire import decode
@@ -45,6 +47,8 @@ log = logging.getLogger("leadledger.processor")
 RESTART_EXIT = 70  # exit status of a worker that stopped on purpose and asks its supervisor for a restart
 
 
+
+LEAD_CACHE_SIZE = int(os.environ.get("LEADLEDGER_LEAD_CACHE", "20000"))  # decoded lead states kept
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +96,10 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         broker_commit_interval=float(os.environ.get("LEADLEDGER_COMMIT_INTERVAL", "0.5")),
         table_standby_replicas=0,
         producer_acks=-1,
+        # one record batch per partition and produce request holds a whole agent batch's records (lead states are
+        # a few KiB each): the producer keeps one request in flight per broker, so 16 KiB batches queued behind
+        # each other cost a broker round trip each
+        producer_max_batch_size=256 * 1024,
         stream_wait_empty=False,
         Worker=QuietWorker,
     )
@@ -119,20 +127,47 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                       use_partitioner=True)
     rejected = out_topics["event_rejected"]
 
-    async def ensure_changelog_metadata(table: Any) -> None:
-        """Tables here are written once per batch with use_partitioner=True, so the producer hashes the key itself
-        (synchronously, in `table[k] = v`) and needs the changelog topic's partitions in its metadata. Checked before
-        every batch's writes, not once: a later metadata refresh that sees a transient topic error (e.g. leader
-        not available on a busy or fresh broker) drops the topic from aiokafka's cache, and the next write would
-        crash the worker. A dict lookup when present; no await between this and the writes."""
-        await app.producer._ensure_producer().partitions_for(table.changelog_topic.get_topic_name())
+    out_names = {k: v.get_topic_name() for k, v in out_topics.items()}
+    by_lead_name, rejected_name = by_lead.get_topic_name(), rejected.get_topic_name()
 
-    async def send_all(sends: list[tuple[faust.TopicT, bytes, bytes]]) -> None:
-        futs = [await tp.send(key=k, value=v) for tp, k, v in sends]
-        for f in futs:
-            await f
-        if sends:
-            await app.producer.flush()
+    async def produce(sends: list[tuple[str, bytes, bytes]]) -> list[Any]:
+        """Send every record and wait until the broker acknowledged each (acks=all); a failure raises.
+
+        Straight to the transport's aiokafka producer, not through faust's `Topic.send` (or, for tables, its
+        `send_soon` buffer, which is drained one record per event-loop round and whose flush gives up after
+        0.1 s with records still queued): appending does not yield to the event loop, so a batch's records
+        leave in a few produce requests instead of about one each. The partition is chosen by the producer's
+        default partitioner, which faust's tables with `use_partitioner=True` and the ingest service use too."""
+        if not sends:
+            return []
+        prod = app.producer._ensure_producer()
+        futs = []
+        for topic, k, v in sends:
+            part = partition_of.get((topic, k))
+            futs.append(await prod.send(topic, value=v, key=k, partition=part))
+            if part is None and len(partition_of) < 200_000:
+                partition_of[(topic, k)] = prod._partition(topic, None, None, None, k, None)
+        return await asyncio.gather(*futs)
+
+    # the default partitioner's choice per (topic, key): a pure-Python murmur2 per record otherwise. Partition
+    # counts are fixed (co-partitioning depends on it); a key is looked up once the topic's metadata is known
+    partition_of: dict[tuple[str, bytes], int] = {}
+
+    async def store(table: Any, items: dict[bytes, bytes]) -> None:
+        """Write each touched table entry once: the local store, and its changelog record, acknowledged.
+
+        What `table[k] = v` does (faust's `on_key_set` + the at_least_once branch of `_on_changelog_sent`), with
+        the changelog record awaited here rather than queued in faust's producer buffer."""
+        if not items:
+            return
+        table.raw_update(items)  # the local store, without faust's per-key changelog send
+        metas = await produce([(table.changelog_topic.get_topic_name(), k, v) for k, v in items.items()])
+        last: dict[int, int] = {}
+        for m in metas:
+            last[m.partition] = max(m.offset, last.get(m.partition, -1))
+        changelog = table.changelog_topic.get_topic_name()
+        for partition, offset in last.items():  # a persistent store resumes recovery after these
+            table.data.set_persisted_offset(TP(changelog, partition), offset)
 
     progress: dict[Any, int] = {}  # last offset handed to an agent, per input partition
     stall_after = float(os.environ.get("LEADLEDGER_STALL_SECONDS", "60"))
@@ -243,8 +278,8 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
     async def identity_agent(stream: faust.StreamT) -> Any:
         async with _crash_worker_on_error():
             async for batch in stream.take_events(batch_size, within=batch_within):
-                sends: list[tuple[faust.TopicT, bytes, bytes]] = []
-                requests: list[tuple[faust.TopicT, bytes, bytes]] = []
+                sends: list[tuple[str, bytes, bytes]] = []
+                requests: list[tuple[str, bytes, bytes]] = []
                 touched: dict[bytes, bytes] = {}
                 handed_over(batch)
                 for ev in batch:
@@ -257,7 +292,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                             touched[akey] = _pack_identity(b"L", upto, lead_b)
                         else:
                             anon_state = None
-                        sends.append((by_lead, lead_b, lead_log.resolution_record(
+                        sends.append((by_lead_name, lead_b, lead_log.resolution_record(
                             req["lead"], req["anonymous_id"], req["event_id"], anon_state)))
                         continue
                     try:
@@ -266,13 +301,13 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                         if lead is None and anon is None:
                             raise ValueError("no subject: lead_id, email or anonymous_id")
                     except Exception as exc:  # poison message: dead-letter with the reason, never drop silently
-                        sends.append((rejected, ev.key or b"", _rejected_raw(ev.value, f"undecodable touchpoint: {exc}")))
+                        sends.append((rejected_name, ev.key or b"", _rejected_raw(ev.value, f"undecodable touchpoint: {exc}")))
                         continue
                     if lead is not None:
                         # the lead's own events keep their log order: straight to the lead
-                        sends.append((by_lead, lead.encode(), ev.value))
+                        sends.append((by_lead_name, lead.encode(), ev.value))
                         if anon is not None:  # decide the join where the anonymous id's table partition lives
-                            requests.append((by_anon, anon.encode(),
+                            requests.append((by_anon_name, anon.encode(),
                                           orjson.dumps({"anonymous_id": anon, "lead": lead,
                                                         "event_id": rec["event_id"]})))
                         continue
@@ -281,32 +316,36 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                     offset = ev.message.offset
                     if mapped is not None:
                         if offset > upto:  # not redelivered: at or below `upto` it went to the lead in the state
-                            sends.append((by_lead, mapped.encode(), ev.value))
+                            sends.append((by_lead_name, mapped.encode(), ev.value))
                         continue
                     # still anonymous: fold into the anonymous subject's compact state
                     st = core.LeadState.from_bytes(anon_state) if anon_state else core.LeadState(anon, True)
                     st, derived = core.fold(st, rec, book)
                     for d in derived:
                         if d["type"] == "event_rejected":
-                            sends.append((rejected, akey, orjson.dumps(d)))
+                            sends.append((rejected_name, akey, orjson.dumps(d)))
                     touched[akey] = _pack_identity(b"S", max(upto, offset), st.to_bytes())
-                await send_all(sends)
-                # a join request only once the event that asks is on the lead's log: the answer must follow it
-                await send_all(requests)
-                if touched:
-                    await ensure_changelog_metadata(identity)
-                for k, v in touched.items():
-                    identity[k] = v
-                if touched:
-                    await app.producer.flush()
+                await produce(sends)
+                # a join request only once the event that asks is on the lead's log: the answer must follow it.
+                # Sent together with the identity entries: neither depends on the other (a redelivered lead event
+                # asks again; the entries change only with join requests and anonymous events, whose records are
+                # already acknowledged above)
+                await asyncio.gather(produce(requests), store(identity, touched))
                 batch_done(batch)
+
+    # Deserialised lead states as last written, with the bytes written: a shortcut, never the source of truth.
+    # Used only while the table still holds exactly those bytes (a recovery or a rebalance that replaced the entry
+    # falls back to decoding the table's value); taken out while a batch may change the object and put back with
+    # the new bytes once they are stored. Equivalent to decoding, since from_bytes(to_bytes(s)) folds as s does
+    # (tests/test_lead_log.py).
+    lead_cache: dict[bytes, tuple[bytes, lead_log.LeadLogState]] = {}
 
     @app.agent(by_lead, name="leads")
     async def lead_agent(stream: faust.StreamT) -> Any:
         async with _crash_worker_on_error():
             async for batch in stream.take_events(batch_size, within=batch_within):
                 handed_over(batch)
-                sends: list[tuple[faust.TopicT, bytes, bytes]] = []
+                sends: list[tuple[str, bytes, bytes]] = []
                 states: dict[bytes, lead_log.LeadLogState | None] = {}
                 for ev in batch:
                     key = ev.key
@@ -314,7 +353,13 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                         st = states[key]
                     else:
                         raw = leads.get(key)
-                        st = lead_log.LeadLogState.from_bytes(raw) if raw else None
+                        cached = lead_cache.pop(key, None)  # out while this batch may change the object
+                        if raw is None:
+                            st = None
+                        elif cached is not None and (cached[0] is raw or cached[0] == raw):
+                            st = cached[1]
+                        else:
+                            st = lead_log.LeadLogState.from_bytes(raw)
                     try:
                         rec = orjson.loads(ev.value)
                         if rec.get("type") != lead_log.RESOLVE_TYPE:
@@ -323,19 +368,20 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                     except Exception as exc:  # poison record: dead-letter it, keep the lead's state as it was
                         log.warning("rejecting an unfoldable record at %s/%s: %s", ev.message.partition,
                                     ev.message.offset, exc)
-                        sends.append((rejected, key, _rejected_raw(ev.value, f"unfoldable: {exc}")))
+                        sends.append((rejected_name, key, _rejected_raw(ev.value, f"unfoldable: {exc}")))
                         states[key] = st
                         continue
                     states[key] = st
                     for d in derived:
-                        sends.append((out_topics[d["type"]], key, orjson.dumps(d)))
-                await send_all(sends)  # derived events are durable before the state that produced them
-                await ensure_changelog_metadata(leads)
-                for k, st in states.items():
-                    if st is not None:
-                        leads[k] = st.to_bytes()
-                await app.producer.flush()
+                        sends.append((out_names[d["type"]], key, orjson.dumps(d)))
+                await produce(sends)  # derived events are durable before the state that produced them
+                written = {k: st.to_bytes() for k, st in states.items() if st is not None}
+                await store(leads, written)
                 batch_done(batch)
+                for k, raw in written.items():
+                    lead_cache[k] = (raw, states[k])
+                while len(lead_cache) > LEAD_CACHE_SIZE:
+                    del lead_cache[next(iter(lead_cache))]  # the least recently written
 
     return app
 
