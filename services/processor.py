@@ -14,8 +14,10 @@ Exactly once *in effect*, by construction rather than by faust's transactions (s
 - each batch: fold in memory → send derived events and await their acknowledgement → write each touched
   table entry once and await its changelog record's acknowledgement; only then does the agent take the next
   batch, whose taking acks this one, and faust commits acked offsets only (at_least_once);
-- lead state remembers the last by-lead offset it folded, so a redelivered input is skipped; event ids are
-  deduplicated in lead state for producer retries;
+- redelivered input is recognised by its event id (each lead remembers its last 1,000–2,000 ids; a join
+  resolution is applied only while the lead waits for it), so a replayed batch changes nothing;
+- faust's commits are checked: one that would move past an input record no batch of ours completed (faust can
+  drop fetched records around a rebalance) stops the worker instead (`_guard_commits`);
 - derived events carry deterministic ids, so the only possible effect of a crash between "derived sent" and
   "state stored" is the same derived event written again with the same id; every consumer of ours dedupes on it.
 """
