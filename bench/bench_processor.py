@@ -230,18 +230,19 @@ async def processor_rate(events: list[dict], partitions: int, workers: int, logd
 
 
 async def handoff_latency(partitions: int, seconds: float, rate: int, logdir: Path, commit_interval: float,
-                          created: list[str]) -> tuple[list[float], int, int, float]:
+                          created: list[str], workers: int = 1) -> tuple[list[float], int, int, float]:
     """Latencies (ms) of the hand-offs seen, hand-offs expected, events sent, achieved events/s. Every 0.1 s: one
     lead's form + meeting and `rate/10 - 3` page views of 5,000 other leads in one request, then the lead's
     seminar (the decisive touchpoint) in a request of its own."""
-    suffix = f"lat{RUN}r{rate}"
+    suffix = f"lat{RUN}r{rate}w{workers}"
     per_tick = max(0, rate // 10 - 3)
     env = {**topic_env(suffix, partitions), "LEADLEDGER_COMMIT_INTERVAL": str(commit_interval)}
     cfg = settings_for(env, BOOTSTRAP)
     created.append(suffix)
     await ensure_topics(BOOTSTRAP, cfg.topics.all(), cfg.partitions)
-    worker = Worker(env, BOOTSTRAP, logdir / f"{suffix}.log")
-    worker.start()
+    ws = [Worker(env, BOOTSTRAP, logdir / f"{suffix}-{i}.log") for i in range(workers)]
+    for w in ws:
+        w.start()
     app = create_app(cfg, IngestConfig.from_env())
     acked: dict[str, float] = {}
     arrived: dict[str, float] = {}
@@ -276,12 +277,13 @@ async def handoff_latency(partitions: int, seconds: float, rate: int, logdir: Pa
                 sent += len(evs)
 
             # warm-up: the worker joined its group and folds before the clock starts
-            await wait_group_stable(env["LEADLEDGER_PROCESSOR_ID"], 1, [worker])
+            await wait_group_stable(env["LEADLEDGER_PROCESSOR_ID"], workers, ws)
             await post([ev("warm", "page_viewed", "warm@x.example", datetime.now(timezone.utc),
                            {"url": "https://x.example/"})])
             deadline = time.monotonic() + 60
             while await end_offsets_sum([cfg.topics.scores]) == 0:
-                worker.check_alive()
+                for w in ws:
+                    w.check_alive()
                 if time.monotonic() > deadline:
                     raise RuntimeError("the latency worker scored nothing within 60 s")
                 await asyncio.sleep(0.2)
@@ -305,7 +307,8 @@ async def handoff_latency(partitions: int, seconds: float, rate: int, logdir: Pa
                 acked[email] = time.perf_counter()
                 k += 1
                 await asyncio.sleep(max(0.0, tick + 0.1 - time.perf_counter()))
-                worker.check_alive()
+                for w in ws:
+                    w.check_alive()
             t_run = time.perf_counter() - t0
             deadline = time.perf_counter() + 30
             while len(arrived.keys() & acked.keys()) < len(acked) and time.perf_counter() < deadline:
@@ -314,7 +317,8 @@ async def handoff_latency(partitions: int, seconds: float, rate: int, logdir: Pa
         stop.set()
         await watcher
         await app.state.ingest.close()
-        worker.stop()
+        for w in ws:
+            w.stop()
         shutil.rmtree(ROOT / "var" / "processor" / env["LEADLEDGER_PROCESSOR_ID"], ignore_errors=True)
     lat = sorted((arrived[e] - acked[e]) * 1000 for e in acked if e in arrived)
     return lat, len(acked), sent, sent / t_run if t_run else 0.0
@@ -360,12 +364,12 @@ async def main_async(a: argparse.Namespace) -> None:
                                                    created)
         say("hand-off latency")
         lat, expected, sent, rate = await handoff_latency(a.partitions, a.latency_seconds, a.latency_rate, logdir,
-                                                          a.commit_interval, created)
+                                                          a.commit_interval, created, a.latency_workers)
         lat2: list[float] = []
         if a.floor_rate:
             say("hand-off latency, light load")
             lat2, expected2, sent2, rate2 = await handoff_latency(a.partitions, a.floor_seconds, a.floor_rate, logdir,
-                                                                  a.commit_interval, created)
+                                                                  a.commit_interval, created, a.latency_workers)
     finally:
         if not a.keep_topics:
             say(f"deleted {await delete_run_topics()} topics of run {RUN}")
@@ -382,8 +386,8 @@ async def main_async(a: argparse.Namespace) -> None:
           f"goal ≥ +50%)  [{two_s:.1f} s, end: {two_how}]")
     print(f"    commit interval {a.commit_interval} s (used for (c), (d), latency) vs {a.relaxed_commit_interval} s: "
           f"{one:.0f} vs {lax:.0f} events/s, cost {1 - one / lax:+.1%}  [{lax_s:.1f} s, end: {lax_how}]")
-    print(f"(e) hand-off latency, ingest ack → lead_handed_off visible read_committed, commit interval "
-          f"{a.commit_interval} s, {sent} events in {a.latency_seconds:.0f} s ({rate:.0f} events/s, asked {a.latency_rate}): "
+    print(f"(e) hand-off latency, ingest ack → lead_handed_off visible read_committed, {a.latency_workers} "
+          f"worker(s), commit interval {a.commit_interval} s, {sent} events in {a.latency_seconds:.0f} s ({rate:.0f} events/s, asked {a.latency_rate}): "
           f"{len(lat)} of {expected} hand-offs seen: p50 {pct(lat, 50):.0f} ms, p99 {pct(lat, 99):.0f} ms, "
           f"max {max(lat, default=float('nan')):.0f} ms, mean {statistics.fmean(lat) if lat else float('nan'):.0f} ms "
           f"(goal p99 < 250 ms)")
@@ -400,6 +404,7 @@ def main() -> None:
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--latency-seconds", type=float, default=60.0)
     p.add_argument("--latency-rate", type=int, default=1000, help="events/s of the latency run")
+    p.add_argument("--latency-workers", type=int, default=1, help="processor workers of the latency runs")
     p.add_argument("--floor-rate", type=int, default=200,
                    help="a second, shorter latency run at this rate shows the latency without queueing (0: skip)")
     p.add_argument("--floor-seconds", type=float, default=20.0)
