@@ -41,7 +41,8 @@ async def record_offsets(bootstrap: str, topic: str, partition: int, start: int,
                          timeout_s: float = 10.0) -> Optional[set[int]]:
     """The offsets in [start, end) of the partition that hold records, read uncommitted (as a consumer that does
     not use transactions sees them); the others are transaction markers or were compacted away. None when the
-    broker did not answer within the timeout (callers treat it as "records there")."""
+    broker did not answer within the timeout (callers treat it as "records there"). Not `derived_reader.read_log`:
+    that one takes a fetch that returns nothing for the end of the log, which here would read as "no records"."""
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                 auto_offset_reset="earliest")

@@ -163,24 +163,38 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         if not items:
             return
         table.raw_update(items)  # the local store, without faust's per-key changelog send
-        metas = await produce([(table.changelog_topic.get_topic_name(), k, v) for k, v in items.items()])
+        changelog = table.changelog_topic.get_topic_name()
+        metas = await produce([(changelog, k, v) for k, v in items.items()])
         last: dict[int, int] = {}
         for m in metas:
             last[m.partition] = max(m.offset, last.get(m.partition, -1))
-        changelog = table.changelog_topic.get_topic_name()
         for partition, offset in last.items():  # a persistent store resumes recovery after these
             table.data.set_persisted_offset(TP(changelog, partition), offset)
 
     progress: dict[Any, int] = {}  # last offset handed to an agent, per input partition
     stall_after = float(os.environ.get("LEADLEDGER_STALL_SECONDS", "60"))
     watched = {t.touchpoints, by_anon_name, t.by_lead}
-    stalled_since: dict[Any, tuple[int, float]] = {}
+    stalled_since: dict[Any, tuple[int, float]] = {}  # partitions with a backlog: (offset at, since when)
+    unfetched_since: dict[Any, tuple[int, float]] = {}  # the same for fetch positions of never-handed partitions
+
+    def stuck_for(since: dict[Any, tuple[int, float]], tp: Any, at: int | None, backlog: bool, now: float) -> float:
+        """How long `tp` has stayed at offset `at` with a backlog (0 when it moved or has none)."""
+        if at is None or not backlog:
+            since.pop(tp, None)
+            return 0.0
+        first = since.setdefault(tp, (at, now))
+        if first[0] != at:
+            since[tp] = (at, now)
+            return 0.0
+        return now - first[1]
 
     @app.timer(interval=max(1.0, stall_after / 6))
     async def stall_watchdog() -> None:
         """An assigned partition whose backlog stops being fetched (a faust fetch-set bug seen after a restart with
         tables to recover) stops the worker loudly, so its supervisor restarts it: nothing is lost, input is
-        re-read from the committed offsets and deduplicated by event id. Nothing here touches faust's state."""
+        re-read from the committed offsets and deduplicated by event id. Nothing here touches faust's state.
+        A partition this process has not been handed one record of (e.g. taken over from a dead worker) is watched
+        by its fetch position instead."""
         consumer = app.consumer
         if app.rebalancing or not app.tables.recovery.completed.is_set():
             stalled_since.clear()
@@ -190,39 +204,17 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         for tp in consumer.assignment():
             if tp.topic not in watched:
                 continue
-            if tp not in progress:
-                await _never_fetched(consumer, tp, now)  # e.g. taken over from a dead worker
-                continue
-            hw = consumer.highwater(tp)
-            seen = progress[tp]
-            if hw is None or hw - 1 <= seen:
-                stalled_since.pop(tp, None)
-                continue
-            first = stalled_since.setdefault(tp, (seen, now))
-            if first[0] != seen:
-                stalled_since[tp] = (seen, now)
-            elif now - first[1] >= stall_after:
-                _stop_hard(f"partition {tp.topic}/{tp.partition} has not advanced for {now - first[1]:.0f}s with a "
-                           f"backlog (at {seen}, highwater {hw})")
-
-    unfetched_since: dict[Any, tuple[int, float]] = {}
-
-    async def _never_fetched(consumer: Any, tp: Any, now: float) -> None:
-        """A partition with a backlog that this process has not been handed one record of: its fetch position must
-        move within `stall_after`, else faust's fetcher has lost it (seen after a takeover) and the worker stops."""
-        pos = await consumer.position(tp)
-        if pos is None:
-            return
-        hw = (await consumer.highwaters(tp)).get(tp)
-        if hw is None or pos >= hw:
-            unfetched_since.pop(tp, None)
-            return
-        first = unfetched_since.setdefault(tp, (pos, now))
-        if first[0] != pos:
-            unfetched_since[tp] = (pos, now)
-        elif now - first[1] >= stall_after:
-            _stop_hard(f"partition {tp.topic}/{tp.partition} was never fetched for {now - first[1]:.0f}s with a "
-                       f"backlog (position {pos}, highwater {hw})")
+            if tp in progress:
+                at, hw, what, since = progress[tp], consumer.highwater(tp), "has not advanced", stalled_since
+                backlog = hw is not None and hw - 1 > at
+            else:
+                at = await consumer.position(tp)
+                hw, what, since = (await consumer.highwaters(tp)).get(tp), "was never fetched", unfetched_since
+                backlog = hw is not None and at is not None and at < hw
+            stuck = stuck_for(since, tp, at, backlog, now)
+            if stuck >= stall_after:
+                _stop_hard(f"partition {tp.topic}/{tp.partition} {what} for {stuck:.0f}s with a backlog "
+                           f"(at {at}, highwater {hw})")
 
     folded: dict[Any, set[int]] = {}  # input offsets whose batch is complete (derived sent, state stored)
 

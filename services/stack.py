@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
 
-        for name, args in _services():
+        services = dict(_services())
+        for name, args in services.items():
             procs.append((name, start(name, args)))
             print(f"[stack] {name} started (log: {logs / (name + '.log')})")
         port = os.environ.get("LEADLEDGER_INGEST_PORT", "8080")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, (name, pr) in enumerate(procs):
                 if pr.poll() == RESTART_EXIT:  # a processor worker that stopped itself on purpose: restart it
                     print(f"[stack] {name} asked for a restart (see its log); restarting", file=sys.stderr)
-                    procs[i] = (name, start(name, dict(_services())[name]))
+                    procs[i] = (name, start(name, services[name]))
             if any(pr.poll() is not None for _, pr in procs):
                 break
             time.sleep(1)
