@@ -1,7 +1,8 @@
 """The wire format of a touchpoint on Kafka (docs/design.md): orjson JSON, every field present, nulls included.
 
-``encode(env)`` -> bytes; ``decode(raw)`` -> plain dict upcast to the current schema version (no validation:
-the log only holds validated events); ``subject_key(env)`` -> the Kafka key (lead_id, else email, else
+``encode(env)`` -> bytes; ``decode(raw)`` -> plain dict upcast to the current schema version (no validation);
+``check_envelope(d)`` -> None, or the reason (naming the field) a decoded record cannot be folded: the ingest API
+validates what it writes, but any producer can write to the topic; ``subject_key(env)`` -> the Kafka key (lead_id, else email, else
 anonymous_id). Timestamps are RFC 3339 UTC with microseconds (``2026-03-01T09:00:00.123000+00:00``), so
 they sort lexicographically.
 """
@@ -79,3 +80,44 @@ def subject_key(env: Union[Envelope, Mapping[str, Any]]) -> str:
     if not key:
         raise ValueError("event has no subject (lead_id, email or anonymous_id)")
     return key
+
+
+def check_envelope(ev: Any) -> Optional[str]:
+    """None when ``ev`` is a usable wire envelope, else the reason (naming the field)."""
+    if not isinstance(ev, dict):
+        return "a touchpoint must be a JSON object"
+    get = ev.get
+    eid = get("event_id")
+    if not isinstance(eid, str) or not 1 <= len(eid) <= 128:
+        return "event_id: a string of 1-128 characters is required"
+    t = get("type")
+    if not isinstance(t, str) or not t:
+        return "type: required"
+    for f in _TIME_FIELDS:
+        v = get(f)
+        if not isinstance(v, str):
+            return f"{f}: required (RFC 3339 with offset)"
+        try:
+            dt = _fromiso(v)
+        except ValueError:
+            return f"{f}: not an RFC 3339 timestamp: {v!r}"
+        if dt.tzinfo is None:
+            return f"{f}: an offset is required: {v!r}"
+    p = get("payload")
+    if p is not None and not isinstance(p, dict):
+        return "payload: must be an object"
+    lid = get("lead_id")
+    email = get("email")
+    aid = get("anonymous_id")
+    if (lid is not None and not isinstance(lid, str)) or (email is not None and not isinstance(email, str)) \
+            or (aid is not None and not isinstance(aid, str)):
+        for name, v in (("lead_id", lid), ("email", email), ("anonymous_id", aid)):
+            if v is not None and not isinstance(v, str):
+                return f"{name}: must be a string or null"
+    if not ((lid and lid.strip()) or (email and email.strip()) or aid):
+        return "one of lead_id, email, anonymous_id is required"
+    return None
+
+
+_TIME_FIELDS = ("occurred_at", "received_at")
+_fromiso = datetime.fromisoformat

@@ -17,7 +17,6 @@ import argparse
 import gc
 import sys
 import time
-from datetime import datetime
 from typing import IO, Any, Callable, Optional
 
 import orjson
@@ -25,63 +24,20 @@ import orjson
 from projections.fold import Ledger
 from projections.rules import RuleBook, RuleSetError
 
-try:  # the wire module (upcasting of old schema versions) is written by the events team
-    from events.wire import decode as _wire_decode
-    from events.envelope import CURRENT_SCHEMA_VERSION as _CURRENT
-except Exception:  # pragma: no cover - events.wire not available
-    _wire_decode = None
-    _CURRENT = 2
+from events.envelope import CURRENT_SCHEMA_VERSION as _CURRENT
+from events.wire import check_envelope, decode as _wire_decode
 
 _MAX_REPORTED = 20
 #: lines whose folds are deferred and then done subject by subject (memory: the decoded lines of one chunk)
 CHUNK = 250_000
 
 
-def check_envelope(ev: Any) -> Optional[str]:
-    """None when ``ev`` is a usable wire envelope, else the reason (naming the field)."""
-    if not isinstance(ev, dict):
-        return "a touchpoint must be a JSON object"
-    get = ev.get
-    eid = get("event_id")
-    if not isinstance(eid, str) or not 1 <= len(eid) <= 128:
-        return "event_id: a string of 1-128 characters is required"
-    t = get("type")
-    if not isinstance(t, str) or not t:
-        return "type: required"
-    for f in _TIME_FIELDS:
-        v = get(f)
-        if not isinstance(v, str):
-            return f"{f}: required (RFC 3339 with offset)"
-        try:
-            dt = _fromiso(v)
-        except ValueError:
-            return f"{f}: not an RFC 3339 timestamp: {v!r}"
-        if dt.tzinfo is None:
-            return f"{f}: an offset is required: {v!r}"
-    p = get("payload")
-    if p is not None and not isinstance(p, dict):
-        return "payload: must be an object"
-    lid = get("lead_id")
-    email = get("email")
-    aid = get("anonymous_id")
-    if (lid is not None and not isinstance(lid, str)) or (email is not None and not isinstance(email, str)) \
-            or (aid is not None and not isinstance(aid, str)):
-        for name, v in (("lead_id", lid), ("email", email), ("anonymous_id", aid)):
-            if v is not None and not isinstance(v, str):
-                return f"{name}: must be a string or null"
-    if not ((lid and lid.strip()) or (email and email.strip()) or aid):
-        return "one of lead_id, email, anonymous_id is required"
-    return None
-
-
-_TIME_FIELDS = ("occurred_at", "received_at")
-_fromiso = datetime.fromisoformat
 
 
 def _decoder() -> Callable[[bytes], Any]:
     def decode(line: bytes) -> Any:
         ev = orjson.loads(line)
-        if isinstance(ev, dict) and ev.get("schema_version", 1) != _CURRENT and _wire_decode is not None:
+        if isinstance(ev, dict) and ev.get("schema_version", 1) != _CURRENT:
             ev = _wire_decode(line)
         return ev
     return decode

@@ -37,7 +37,7 @@ import orjson
 from faust.types import TP
 
 from events.upcast import upcast
-from events.wire import decode
+from events.wire import FIELDS as WIRE_FIELDS, check_envelope, decode
 from projections import fold as core
 from projections import lead_log
 from projections.rules import RuleBook
@@ -291,12 +291,14 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                         continue
                     try:
                         rec = decode(ev.value)
-                        lead, anon = core.subject_of(rec)
-                        if lead is None and anon is None:
-                            raise ValueError("no subject: lead_id, email or anonymous_id")
-                    except Exception as exc:  # poison message: dead-letter with the reason, never drop silently
-                        sends.append((rejected_name, ev.key or b"", _rejected_raw(ev.value, f"undecodable touchpoint: {exc}")))
+                        problem = check_envelope(rec)
+                    except Exception as exc:
+                        problem = f"undecodable: {exc}"
+                    if problem is not None:  # poison message: dead-letter with the reason, never drop silently
+                        sends.append((rejected_name, ev.key or b"",
+                                      _rejected_raw(ev.value, "invalid touchpoint", problem)))
                         continue
+                    lead, anon = core.subject_of(rec)
                     if lead is not None:
                         # the lead's own events keep their log order: straight to the lead
                         sends.append((by_lead_name, lead.encode(), ev.value))
@@ -314,7 +316,11 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                         continue
                     # still anonymous: fold into the anonymous subject's compact state
                     st = core.LeadState.from_bytes(anon_state) if anon_state else core.LeadState(anon, True)
-                    st, derived = core.fold(st, rec, book)
+                    try:
+                        st, derived = core.fold(st, rec, book)
+                    except Exception as exc:  # poison record: dead-letter it; the stored state stays as it was
+                        sends.append((rejected_name, akey, _rejected_raw(ev.value, "unfoldable", str(exc))))
+                        continue
                     for d in derived:
                         if d["type"] == "event_rejected":
                             sends.append((rejected_name, akey, orjson.dumps(d)))
@@ -341,6 +347,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 handed_over(batch)
                 sends: list[tuple[str, bytes, bytes]] = []
                 states: dict[bytes, lead_log.LeadLogState | None] = {}
+                folded: dict[bytes, list[dict]] = {}  # records of this batch folded per lead (see the except)
                 for ev in batch:
                     key = ev.key
                     if key in states:
@@ -358,14 +365,25 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                         rec = orjson.loads(ev.value)
                         if rec.get("type") != lead_log.RESOLVE_TYPE:
                             rec = upcast(rec)
+                            problem = check_envelope(rec)  # stage 1 checked it, but anyone can write here too
+                            if problem is not None:
+                                raise ValueError(problem)
                         st, derived = lead_log.apply(st, key.decode(), rec, book)
                     except Exception as exc:  # poison record: dead-letter it, keep the lead's state as it was
                         log.warning("rejecting an unfoldable record at %s/%s: %s", ev.message.partition,
                                     ev.message.offset, exc)
-                        sends.append((rejected_name, key, _rejected_raw(ev.value, f"unfoldable: {exc}")))
+                        sends.append((rejected_name, key, _rejected_raw(ev.value, "unfoldable", str(exc))))
+                        # the fold may have changed the state before it failed: rebuild it from the stored state
+                        # and this batch's good records (the fold is deterministic: the same state, the same
+                        # derived events, which are already in `sends`)
+                        raw = leads.get(key)
+                        st = lead_log.LeadLogState.from_bytes(raw) if raw is not None else None
+                        for good in folded.get(key, ()):
+                            st, _ = lead_log.apply(st, key.decode(), good, book)
                         states[key] = st
                         continue
                     states[key] = st
+                    folded.setdefault(key, []).append(rec)
                     for d in derived:
                         sends.append((out_names[d["type"]], key, orjson.dumps(d)))
                 await produce(sends)  # derived events are durable before the state that produced them
@@ -425,11 +443,23 @@ def _unpack_identity(raw: bytes | None) -> tuple[str | None, int, bytes | None]:
     return None, upto, raw[9:]
 
 
-def _rejected_raw(value: bytes | None, reason: str) -> bytes:
-    digest = hashlib.sha256(value or b"").hexdigest()[:32]
-    return orjson.dumps({"type": "event_rejected", "reason": reason, "field": None,
-                         "event_id": f"rejected:raw:{digest}",
-                         "event": (value or b"").decode("utf-8", "replace")[:4000]})
+def _rejected_raw(value: bytes | None, reason: str, cause: str | None = None) -> bytes:
+    """The dead-letter record of a record that cannot be folded. ``cause``: the check's own words
+    (``"occurred_at: not an RFC 3339 timestamp: ..."``), whose first word names the field when it is an envelope
+    field. ``event`` is the record as written: the object when it is a JSON object, else its text. The id is a digest
+    of the bytes, so a redelivery repeats it."""
+    raw = value or b""
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    field = cause.split(":", 1)[0] if cause else None
+    try:
+        event: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        event = raw.decode("utf-8", "replace")[:4000]
+    return orjson.dumps({"type": "event_rejected", "reason": f"{reason}: {cause}" if cause else reason,
+                         "field": field if field in WIRE_FIELDS else None,
+                         "event_id": f"rejected:raw:{digest}", "event": event})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 import pytest
 
+from projections.fold import Ledger
+from projections.rules import RuleBook
 from services.demo import API_KEY, journeys
 from services.derived_reader import latest_by_lead, read_topic
 from services.ingest import IngestConfig, create_app
-from services.kafka_io import ensure_topics
+from services.kafka_io import ensure_topics, make_producer
+from services.processor import default_rules_paths
 from tests.conftest import wait_for
-from tests.streaming import Worker, settings_for, topic_env
+from tests.streaming import Worker, settings_for, topic_env, wait_caught_up
 
 pytestmark = pytest.mark.infra
 
@@ -74,5 +79,73 @@ async def test_journey_through_ingest_ends_with_handoff(kafka_bootstrap: str, un
         assert "won" in rejected[0]["reason"]
         alerts = await read_topic(kafka_bootstrap, cfg.topics.intent_alerts)
         assert [(a["lead"], a["first_event_id"]) for a in alerts] == [(aiko, f"{unique}-p2")]
+    finally:
+        worker.stop()
+
+
+def _touchpoint(eid: str, etype: str, at: datetime, **fields: Any) -> dict[str, Any]:
+    ts = at.isoformat(timespec="microseconds")
+    return {"event_id": eid, "type": etype, "occurred_at": ts, "received_at": ts, "lead_id": None,
+            "anonymous_id": None, "email": None, "source": "test", "campaign": None, "payload": {},
+            "schema_version": 2, **fields}
+
+
+async def test_poison_records_are_dead_lettered_and_change_nothing(kafka_bootstrap: str, unique: str,
+                                                                   tmp_path: Path) -> None:
+    """Records no ingest would accept, written straight to the topics by another producer: each one lands on
+    `rejected` with the field and the reason, the worker keeps running, and the lead's state is exactly the fold of
+    the good events (no event id marked seen, no sequence number used by a record that failed)."""
+    env = topic_env(unique)
+    cfg = settings_for(env, kafka_bootstrap)
+    await ensure_topics(kafka_bootstrap, cfg.topics.all(), cfg.partitions)
+    email, cookie = f"poison-{unique}@example.com", f"cookie-{unique}"
+    t0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
+    good = [
+        _touchpoint(f"{unique}-g1", "page_viewed", t0, anonymous_id=cookie, payload={"url": "/pricing"}),
+        _touchpoint(f"{unique}-g2", "form_submitted", t0 + timedelta(minutes=5), anonymous_id=cookie, email=email,
+                    payload={"form_id": "contact", "fields": {"name": "P", "company": "Acme", "title": "CTO"}}),
+        _touchpoint(f"{unique}-g3", "page_viewed", t0 + timedelta(minutes=9), email=email,
+                    payload={"url": "/pricing"}),
+    ]
+    bad_anon = _touchpoint(f"{unique}-b1", "page_viewed", t0, anonymous_id=cookie)
+    bad_anon["occurred_at"] = "yesterday"
+    bad_lead = _touchpoint(f"{unique}-b2", "page_viewed", t0 + timedelta(minutes=7), email=email)
+    bad_lead["received_at"] = "2026-11-02T09:07:00"  # no offset
+    bad_direct = _touchpoint(f"{unique}-b3", "page_viewed", t0 + timedelta(minutes=8), email=email)
+    bad_direct["occurred_at"] = "garbage"
+    producer = make_producer(kafka_bootstrap)
+    await producer.start()
+    try:
+        for ev in (good[0], bad_anon, good[1], bad_lead, good[2]):
+            await producer.send_and_wait(cfg.topics.touchpoints, orjson.dumps(ev),
+                                         key=(ev["email"] or ev["anonymous_id"]).encode())
+        await producer.send_and_wait(cfg.topics.touchpoints, b"{not json", key=email.encode())
+        # straight onto the lead-keyed log, past stage 1's check
+        await producer.send_and_wait(cfg.topics.by_lead, orjson.dumps(bad_direct), key=email.encode())
+    finally:
+        await producer.stop()
+    worker = Worker(env, kafka_bootstrap, tmp_path / "worker.log")
+    worker.start()
+    try:
+        await wait_caught_up(kafka_bootstrap, f"proc-{unique}",
+                             [cfg.topics.touchpoints, cfg.topics.by_anon, cfg.topics.by_lead], workers=(worker,))
+        rejected = await read_topic(kafka_bootstrap, cfg.topics.rejected)
+        by_id = {r["event"]["event_id"] if isinstance(r["event"], dict) else r["event"]: r for r in rejected}
+        assert set(by_id) == {f"{unique}-b1", f"{unique}-b2", f"{unique}-b3", "{not json"}, by_id
+        assert by_id[f"{unique}-b1"]["field"] == "occurred_at"
+        assert by_id[f"{unique}-b1"]["reason"] == \
+            "invalid touchpoint: occurred_at: not an RFC 3339 timestamp: 'yesterday'"
+        assert by_id[f"{unique}-b2"]["field"] == "received_at"
+        assert by_id[f"{unique}-b2"]["reason"].startswith("invalid touchpoint: received_at: an offset is required")
+        assert by_id[f"{unique}-b3"]["field"] == "occurred_at"
+        assert by_id[f"{unique}-b3"]["reason"].startswith("unfoldable: occurred_at: not an RFC 3339 timestamp")
+        assert by_id["{not json"]["field"] is None
+        assert by_id["{not json"]["reason"].startswith("invalid touchpoint: undecodable: ")
+        assert worker.restarts == 0
+        expected = Ledger(RuleBook.from_paths(default_rules_paths()), emit=True)
+        want = [d for ev in good for d in expected.apply(ev) if d["type"] == "lead_scored"]
+        scored = [s for s in await read_topic(kafka_bootstrap, cfg.topics.scores) if s["lead"] == email]
+        assert [(s["event_id"], s["score"]) for s in scored] == [(d["event_id"], d["score"]) for d in want]
+        worker.check_alive()
     finally:
         worker.stop()
