@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import gc
 import os
@@ -39,7 +40,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -48,6 +49,7 @@ from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.record.control_record import ABORT_MARKER, ControlRecord
 from aiokafka.record.memory_records import MemoryRecords
 
+from events.envelope import CURRENT_SCHEMA_VERSION
 from events.upcast import upcast
 from projections import fold as core
 from projections import lead_log
@@ -56,6 +58,9 @@ from services.config import Settings, Topics
 from services.derived_reader import topic_partitions
 
 _EPOCH0 = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# ``core.fold`` without its wrapper and second dedupe check, for records whose id the caller found new to the lead
+# (``core.fold(state, rec, book, merge_from=m, emit=False)`` == ``_fold_new(state, rec, book, m, None, True)`` then)
+_fold_new = core._fold
 READ_COMMITTED = 1   # FetchRequest isolation level
 CHUNK = 200_000   # lead-keyed records decoded and grouped by lead before they are folded
 
@@ -226,9 +231,12 @@ class LogFold:
             self.mqls.append((lead, before, st.t, cause))
 
     def _fold(self, lead: str, s: lead_log.LeadLogState, rec: dict, merge_from: Optional[core.LeadState] = None):
-        before = s.lead.handoffs
-        core.fold(s.lead, rec, self.book, merge_from=merge_from, emit=False)
-        self._folded(lead, s.lead, before, rec["event_id"])
+        """``core.fold`` of a record whose id is new to the lead (the callers checked the dedupe window)."""
+        st = s.lead
+        before = st.handoffs
+        _fold_new(st, rec, self.book, merge_from, None, True)
+        if st.handoffs != before:
+            self._folded(lead, st, before, rec["event_id"])
 
     def _touchpoint(self, lead: str, s: lead_log.LeadLogState, rec: dict) -> None:
         eid = rec.get("event_id")
@@ -247,10 +255,14 @@ class LogFold:
         """The anonymous subject as the identity stage had it at the join, folded under this book."""
         want = live.get("q", 0)
         st = core.LeadState(aid, True)
-        for ev in self.anon_events.get(aid, ()):
+        evs = self.anon_events.get(aid, ())
+        for i, ev in enumerate(evs):
             if st.seq >= want:
                 break
-            core.fold(st, ev, self.book, emit=False)
+            if type(ev) is bytes:
+                ev = evs[i] = _anonymous_event(ev, aid)  # decoded once, for every book
+            if ev is not None:
+                _fold_new(st, ev, self.book, None, None, False)  # = core.fold(st, ev, book, emit=False)
         if st.seq < want:
             self.short_joins += 1
         return st
@@ -265,16 +277,33 @@ class LogFold:
         self._resolution(lead, s, rec)
 
     def apply_many(self, lead: str, recs: list[dict]) -> None:
-        """``apply`` of consecutive records of one lead (its log order)."""
+        """``apply`` of consecutive records of one lead (its log order); ``_touchpoint`` inlined (the hot loop)."""
         s = self.states.get(lead)
         if s is None:
             s = self.states[lead] = lead_log.LeadLogState(core.LeadState(lead, False))
+        st = s.lead
+        book = self.book
         resolve = lead_log.RESOLVE_TYPE
+        subject_of = core.subject_of
+        fold = _fold_new
         for rec in recs:
-            if rec.get("type") != resolve:
-                self._touchpoint(lead, s, rec)
-            else:
+            if rec.get("type") == resolve:
                 self._resolution(lead, s, rec)
+                continue
+            eid = rec.get("event_id")
+            if eid in st.seen or eid in st.seen_old:
+                continue  # a repeated event: nothing to fold, nothing to wait for (as lead_log)
+            if s.pending is not None:
+                s.pending[2].append(rec)
+                continue
+            aid = rec.get("anonymous_id")
+            if aid and aid not in s.resolved and subject_of(rec)[0] is not None:
+                s.pending = [aid, rec["event_id"], [rec]]
+                continue
+            before = st.handoffs
+            fold(st, rec, book, None, None, True)
+            if st.handoffs != before:
+                self._folded(lead, st, before, rec["event_id"])
 
     def _resolution(self, lead: str, s: lead_log.LeadLogState, rec: dict) -> None:
         p = s.pending
@@ -296,70 +325,134 @@ def _is_anonymous_only(ev: dict) -> bool:
     return core.subject_of(ev)[0] is None and bool(ev.get("anonymous_id"))
 
 
-def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], shard: int = 0, shards: int = 1) -> dict:
-    """Fold the log under each book; returns ``{"mqls": [[...] per book], "touchpoints", "records", ...}``.
-    With ``shards > 1`` only the lead-keyed partitions ``p % shards == shard`` are folded (leads are independent)."""
-    async def run() -> dict:
-        ends = await end_offsets(bootstrap, topics.by_lead)
-        by_lead_end = {tp: (n if tp.partition % shards == shard else 0) for tp, n in ends.items()}
-        anon: dict[str, list[dict]] = {}
+_NO_COOKIE = b'"anonymous_id":null'
+_AID = b'"anonymous_id":'
 
-        def on_touchpoint(m) -> None:
-            if b'"anonymous_id":null' in m.value:  # the wire format of events without a cookie: not anonymous
-                return
-            ev = orjson.loads(m.value)
+
+def _anonymous_event(raw: bytes, aid: str) -> Optional[dict]:
+    """A touchpoint kept raw under its key ``aid`` (its one ``"anonymous_id":`` member holds ``aid``), decoded:
+    the event when it is an anonymous-only event of ``aid``, else None (it carries a lead key: not anonymous)."""
+    ev = orjson.loads(raw)
+    if ev.get("email") or ev.get("lead_id") or not ev.get("anonymous_id"):
+        return None
+    ev = upcast(ev)
+    if not _is_anonymous_only(ev):
+        return None
+    if ev["anonymous_id"] != aid:  # only with an escaped member name beside a nested "anonymous_id": refuse
+        raise ValueError(f"touchpoint {ev.get('event_id')!r} of cookie {ev['anonymous_id']!r} keyed by {aid!r}")
+    return ev
+
+
+async def read_anonymous(bootstrap: str, topic: str) -> tuple[int, dict[str, list]]:
+    """The anonymous-only events of the ``touchpoints`` log per cookie, in partition order (joins rebuild their
+    anonymous state from them); returns (touchpoints read, {anonymous id: [event dict, or its raw bytes]})."""
+    anon: dict[str, list] = {}
+    n_tp = [0]
+
+    def on_touchpoints(_p: int, recs: list) -> None:
+        n_tp[0] += len(recs)
+        for r in recs:
+            v = r.value
+            if _NO_COOKIE in v:  # the wire format of events without a cookie: not anonymous
+                continue
+            k = r.key
+            if k and v.count(_AID) == 1 and _AID + b'"' + k + b'"' in v and b"\\" not in k:
+                # keyed by its cookie, as ingest keys anonymous-only events: kept raw, decoded if a join needs it
+                # (few do: most of a cookie's events reach its lead on the lead-keyed log)
+                g = anon.get(k.decode())
+                if g is None:
+                    anon[k.decode()] = [v]
+                else:
+                    g.append(v)
+                continue
+            ev = orjson.loads(v)
             if not ev.get("email") and not ev.get("lead_id") and ev.get("anonymous_id"):
                 ev = upcast(ev)
                 if _is_anonymous_only(ev):
                     anon.setdefault(ev["anonymous_id"], []).append(ev)
 
-        n_tp = await read_log(bootstrap, topics.touchpoints, on_touchpoint)
-        folds = [LogFold(b, anon) for b in books]
-        # Records are decoded and grouped by lead as they arrive; every CHUNK records the groups are folded lead by
-        # lead, each book in turn. Leads are independent and each keeps its log order, so this is the fold in log
-        # order, only faster (a lead's state and records stay in the CPU caches while they are folded).
-        groups: dict[str, list[dict]] = {}
-        queued = [0]
+    await scan_log(bootstrap, topic, on_touchpoints)
+    return n_tp[0], anon
+
+
+async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon: dict[str, list],
+                        ends: dict) -> dict:
+    """Fold the lead-keyed log up to ``ends`` under each book; returns ``{"mqls": [[...] per book], "records",
+    "leads", "short_joins"}``."""
+    folds = [LogFold(b, anon) for b in books]
+    # The lead-keyed records are grouped by lead (raw key and value bytes) as they arrive; every CHUNK records the
+    # groups are decoded and folded lead by lead, each book in turn. Leads are independent and each keeps its log
+    # order, so this is the fold in log order, only faster: a lead's state and its records stay in the CPU caches
+    # while they are decoded and folded, and no per-record object outlives its group.
+    groups: dict[bytes, list[bytes]] = {}
+    queued = [0, 0]   # records in the groups, records read
+
+    def flush() -> None:
         loads = orjson.loads
         resolve = lead_log.RESOLVE_TYPE
+        current = CURRENT_SCHEMA_VERSION
+        for key, raw in groups.items():
+            recs = [loads(v) for v in raw]
+            for i, rec in enumerate(recs):
+                if rec.get("schema_version") != current and rec.get("type") != resolve:
+                    recs[i] = upcast(rec)
+            lead = key.decode()
+            for f in folds:
+                f.apply_many(lead, recs)
+        groups.clear()
+        queued[0] = 0
 
-        def flush() -> None:
-            for lead, recs in groups.items():
-                for f in folds:
-                    f.apply_many(lead, recs)
-            groups.clear()
-            queued[0] = 0
-
-        def on_record(m) -> None:
-            rec = loads(m.value)
-            if rec.get("type") != resolve:
-                rec = upcast(rec)
-            lead = m.key.decode()
-            g = groups.get(lead)
+    def on_records(_p: int, recs: list) -> None:
+        get = groups.get
+        for r in recs:
+            k = r.key
+            g = get(k)
             if g is None:
-                groups[lead] = [rec]
+                groups[k] = [r.value]
             else:
-                g.append(rec)
-            queued[0] += 1
-            if queued[0] >= CHUNK:
-                flush()
+                g.append(r.value)
+        queued[0] += len(recs)
+        queued[1] += len(recs)
+        if queued[0] >= CHUNK:
+            flush()
 
-        n_lead = await read_log(bootstrap, topics.by_lead, on_record, by_lead_end) if any(by_lead_end.values()) \
-            else 0
-        flush()
-        return {"touchpoints": n_tp, "records": n_lead, "mqls": [f.mqls for f in folds],
-                "leads": len(folds[0].states) if folds else 0, "short_joins": [f.short_joins for f in folds]}
+    if any(ends.values()):
+        await scan_log(bootstrap, topic, on_records, ends)
+    flush()
+    return {"records": queued[1], "mqls": [f.mqls for f in folds], "leads": len(folds[0].states) if folds else 0,
+            "short_joins": [f.short_joins for f in folds]}
 
+
+def _shard_ends(ends: dict, shard: int, shards: int) -> dict:
+    return {tp: (n if tp.partition % shards == shard else 0) for tp, n in ends.items()}
+
+
+@contextlib.contextmanager
+def _gc_off() -> Iterator[None]:
     # The fold keeps millions of small containers alive to the end, none in a cycle: the cyclic GC would only
-    # re-scan them (≈ 40 % of the run time on a 200k-event log). Reference counting still frees the rest; the few
-    # cycles the Kafka client leaves behind are collected when the GC is back on.
+    # re-scan them (≈ 40 % of the run time on a 200k-event log, and ×3 on decoding). Reference counting still frees
+    # the rest; the few cycles the Kafka client leaves behind are collected when the GC is back on.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return asyncio.run(run())
+        yield
     finally:
         if gc_was_enabled:
             gc.enable()
+
+
+def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], shard: int = 0, shards: int = 1) -> dict:
+    """Fold the log under each book; returns ``{"mqls": [[...] per book], "touchpoints", "records", ...}``.
+    With ``shards > 1`` only the lead-keyed partitions ``p % shards == shard`` are folded (leads are independent)."""
+    async def run() -> dict:
+        ends = await end_offsets(bootstrap, topics.by_lead)
+        n_tp, anon = await read_anonymous(bootstrap, topics.touchpoints)
+        out = await fold_lead_log(bootstrap, topics.by_lead, books, anon, _shard_ends(ends, shard, shards))
+        out["touchpoints"] = n_tp
+        return out
+
+    with _gc_off():
+        return asyncio.run(run())
 
 
 def _fold_shard(bootstrap: str, topics: dict, books: list[list[dict]], shard: int, shards: int) -> dict:
