@@ -60,3 +60,56 @@ async def test_scan_log_reads_what_a_read_committed_consumer_reads(kafka_bootstr
     n = await read_log(kafka_bootstrap, topic, lambda m: seen.append((m.offset, m.value)), ends)
     want = [(o, v) for o, _k, v in expected[0] if o < cut] + [(o, v) for o, _k, v in expected[1]]
     assert n == len(want) and sorted(seen) == sorted(want)
+
+
+def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str, unique: str) -> None:
+    """fold_books over Kafka — one process, and shards in forked processes (this test's process has no other
+    thread) or spawned ones — gives the MQLs of LogFold over the same log in memory."""
+    import asyncio
+    import threading
+
+    import orjson
+
+    from bench.gen_history import generate
+    from projections.fold import normalise_email, subject_of
+    from services.backtest_log import LogFold, fold_books
+    from services.config import Topics
+    from tests.test_replay import BOOK, lead_keyed_log
+
+    events = generate(3000, 150, seed=11)
+    for e in events:
+        e["email"] = normalise_email(e["email"])
+    log = lead_keyed_log(events)
+    topics = Topics(touchpoints=f"bt-tp-{unique}", by_lead=f"bt-bylead-{unique}")
+
+    async def produce() -> None:
+        await ensure_topics(kafka_bootstrap, [topics.touchpoints, topics.by_lead], partitions=4)
+        p = make_producer(kafka_bootstrap)
+        await p.start()
+        try:
+            for e in events:
+                await p.send(topics.touchpoints, orjson.dumps(e),
+                             key=(e["lead_id"] or e["email"] or e["anonymous_id"]).encode())
+            for r in log:
+                await p.send(topics.by_lead, orjson.dumps({k: v for k, v in r.items() if k != "lead"}),
+                             key=r["lead"].encode())
+            await p.flush()
+        finally:
+            await p.stop()
+
+    asyncio.run(produce())
+    anon: dict[str, list[dict]] = {}
+    for ev in events:
+        lead, aid = subject_of(ev)
+        if lead is None:
+            anon.setdefault(aid, []).append(ev)
+    mem = LogFold(BOOK, anon)
+    for r in log:
+        mem.apply(r["lead"], {k: v for k, v in r.items() if k != "lead"})
+    assert mem.mqls
+    forked = threading.active_count() == 1
+    for jobs in (1, 2, 3):
+        out = fold_books(kafka_bootstrap, topics, [BOOK, BOOK], jobs)
+        assert out["touchpoints"] == len(events) and out["records"] == len(log), (jobs, forked)
+        assert out["leads"] == len(mem.states) and out["short_joins"] == [0, 0]
+        assert sorted(out["mqls"][0]) == sorted(out["mqls"][1]) == sorted(mem.mqls), (jobs, forked)
