@@ -427,6 +427,19 @@ def _shard_ends(ends: dict, shard: int, shards: int) -> dict:
     return {tp: (n if tp.partition % shards == shard else 0) for tp, n in ends.items()}
 
 
+def _balanced_ends(ends: dict, shards: int) -> list[dict]:
+    """The lead-keyed partitions dealt to ``shards`` shards, each (largest first, by end offset) to the least
+    loaded one; returns the ends each shard reads (0 = not its partition). Any split of the partitions gives the
+    same result (leads are independent); a balanced one finishes sooner."""
+    load = [0] * shards
+    owner = {}
+    for tp, n in sorted(ends.items(), key=lambda x: (-x[1], x[0].partition)):
+        i = min(range(shards), key=lambda j: (load[j], j))
+        owner[tp] = i
+        load[i] += n
+    return [{tp: (n if owner[tp] == i else 0) for tp, n in ends.items()} for i in range(shards)]
+
+
 @contextlib.contextmanager
 def _gc_off() -> Iterator[None]:
     # The fold keeps millions of small containers alive to the end, none in a cycle: the cyclic GC would only
@@ -441,13 +454,16 @@ def _gc_off() -> Iterator[None]:
             gc.enable()
 
 
-def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], shard: int = 0, shards: int = 1) -> dict:
+def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], shard: int = 0, shards: int = 1,
+             ends: Optional[dict] = None) -> dict:
     """Fold the log under each book; returns ``{"mqls": [[...] per book], "touchpoints", "records", ...}``.
-    With ``shards > 1`` only the lead-keyed partitions ``p % shards == shard`` are folded (leads are independent)."""
+    With ``shards > 1`` only the lead-keyed partitions ``p % shards == shard`` are folded (leads are independent);
+    ``ends``: the lead-keyed log's partitions and end offsets to fold instead (0 = not this shard's)."""
     async def run() -> dict:
-        ends = await end_offsets(bootstrap, topics.by_lead)
+        lead_ends = ends if ends is not None else _shard_ends(await end_offsets(bootstrap, topics.by_lead), shard,
+                                                              shards)
         n_tp, anon = await read_anonymous(bootstrap, topics.touchpoints)
-        out = await fold_lead_log(bootstrap, topics.by_lead, books, anon, _shard_ends(ends, shard, shards))
+        out = await fold_lead_log(bootstrap, topics.by_lead, books, anon, lead_ends)
         out["touchpoints"] = n_tp
         return out
 
@@ -455,10 +471,10 @@ def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], shard: int =
         return asyncio.run(run())
 
 
-def _fold_shard(bootstrap: str, topics: dict, books: list[list[dict]], shard: int, shards: int) -> dict:
-    """Worker entry (a process per shard of the lead-keyed partitions): rule sets travel as JSON."""
+def _fold_shard(bootstrap: str, topics: dict, books: list[list[dict]], ends: dict) -> dict:
+    """Spawned worker entry (a process per shard of the lead-keyed partitions): rule sets travel as JSON."""
     return fold_log(bootstrap, Topics(**topics), [RuleBook([RuleSet.model_validate(s) for s in b]) for b in books],
-                    shard, shards)
+                    ends=ends)
 
 
 def _fold_child(conn: Any, bootstrap: str, topic: str, books: list[RuleBook], anon: dict[str, list],
@@ -480,7 +496,7 @@ def _fold_child(conn: Any, bootstrap: str, topic: str, books: list[RuleBook], an
 
 def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int = 1) -> dict:
     """``fold_log`` in ``jobs`` processes, each folding every book over a shard of the lead-keyed partitions
-    (``p % jobs``); results are merged in shard order.
+    (balanced by size, ``_balanced_ends``); results are merged in shard order.
 
     This process reads the anonymous events once, then forks a child per shard but the first, which it folds
     itself: the children inherit the anonymous events, the rule books and the interpreter (no start-up, no
@@ -499,17 +515,17 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
                 return (ends, *await read_anonymous(bootstrap, topics.touchpoints))
 
             ends, n_tp, anon = asyncio.run(prepare())
+            split = _balanced_ends(ends, jobs)
             children = []
             for shard in range(1, jobs):
                 recv, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_fold_child, daemon=True,
-                                   args=(send, bootstrap, topics.by_lead, books, anon, _shard_ends(ends, shard, jobs)))
+                                   args=(send, bootstrap, topics.by_lead, books, anon, split[shard]))
                 proc.start()
                 send.close()
                 children.append((proc, recv))
             try:
-                parts = [asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon,
-                                                   _shard_ends(ends, 0, jobs)))]
+                parts = [asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, split[0]))]
                 for proc, recv in children:
                     try:
                         status, out = recv.recv()
@@ -528,9 +544,9 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
     else:
         docs = [[rs.model.model_dump(mode="json", by_alias=True, exclude_none=True) for rs in b.sets] for b in books]
         tdict = {k: getattr(topics, k) for k in Topics.__dataclass_fields__}
+        split = _balanced_ends(asyncio.run(end_offsets(bootstrap, topics.by_lead)), jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            parts = list(ex.map(_fold_shard, [bootstrap] * jobs, [tdict] * jobs, [docs] * jobs, range(jobs),
-                                [jobs] * jobs))
+            parts = list(ex.map(_fold_shard, [bootstrap] * jobs, [tdict] * jobs, [docs] * jobs, split))
     return {"touchpoints": parts[0]["touchpoints"], "records": sum(p["records"] for p in parts),
             "leads": sum(p["leads"] for p in parts),
             "mqls": [[m for p in parts for m in p["mqls"][i]] for i in range(len(books))],
