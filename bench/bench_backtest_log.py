@@ -10,7 +10,8 @@ identity stage would write for it (``tests.test_replay.lead_keyed_log``: join re
    decoding): the floor as the consumer API gives it;
 2. the back-test's own reader over both topics (``services.backtest_log.scan_log``: fetch requests through the
    consumer's client, records walked with aiokafka's C parser, no decoding): the floor of the back-test;
-3. the back-test's fold of both topics under one book (baseline only);
+3. the back-test's fold of both topics under one book (baseline only = ``--baseline-live``), also with each
+   ``--jobs`` above 1;
 4. the full back-test: baseline + candidate books, ``--jobs 1`` (one process) and ``--jobs 2`` (two processes, each
    folding both books over half of the lead-keyed partitions).
 
@@ -168,9 +169,10 @@ def _time_runs(a: argparse.Namespace, topics: Topics, n: int | None) -> int:
     base = RuleBook.from_paths([DEFAULT])
     loose = RuleBook(parse_rule_sets(DEFAULT.read_text().replace('version: "2026-11-default"', 'version: "loose"')
                                      .replace("min_engagement: 40", "min_engagement: 25")))
+    jobs = [int(x) for x in a.jobs.split(",") if x]
     runs = [("back-test fold, one book:", [base], 1)]
-    for j in (int(x) for x in a.jobs.split(",") if x):
-        runs.append((f"back-test, two books, --jobs {j}:", [base, loose], j))
+    runs += [(f"back-test fold, one book, --jobs {j}:", [base], j) for j in jobs if j > 1]
+    runs += [(f"back-test, two books, --jobs {j}:", [base, loose], j) for j in jobs]
     for label, books, jobs in runs:
         t0, c0 = time.perf_counter(), time.process_time()
         out = fold_books(a.bootstrap, topics, books, jobs)
