@@ -114,7 +114,7 @@ async def scan_log(bootstrap: str, topic: str, on_records: Callable[[int, list],
             while pending is not None:
                 responses = await pending
                 pending = None
-                runs: list[tuple[int, Any, int, int]] = []   # (partition, batch, from offset, to offset)
+                runs: list[tuple[int, Any, int, int, int]] = []   # (partition, batch, its base, from, to offset)
                 stale = False
                 now = time.monotonic()
                 for resp in responses:
@@ -143,8 +143,8 @@ async def scan_log(bootstrap: str, topic: str, on_records: Callable[[int, list],
                     await client.force_metadata_update()
                 if pos:
                     pending = asyncio.ensure_future(fetch(list(pos)))
-                for partition, batch, lo, hi in runs:
-                    if batch.base_offset >= lo and batch.next_offset <= hi:
+                for partition, batch, base, lo, hi in runs:
+                    if base >= lo and batch.next_offset <= hi:
                         on_records(partition, list(batch))
                     else:
                         on_records(partition, [r for r in batch if lo <= r.offset < hi])
@@ -165,7 +165,7 @@ def _walk(records: MemoryRecords, aborted: Optional[list], partition: int, start
     while records.has_next():
         b = records.next_batch()
         if not b.validate_crc():
-            raise Errors.CorruptRecordException(f"invalid CRC in {partition} at {b.base_offset}")
+            raise Errors.CorruptRecordException(f"invalid CRC in partition {partition} after offset {nxt}")
         pid = b.producer_id
         if pid is not None:
             while aborted and aborted[0][1] <= b.base_offset:
@@ -181,8 +181,9 @@ def _walk(records: MemoryRecords, aborted: Optional[list], partition: int, start
         elif b.is_control_batch:
             nxt = max(nxt, b.next_offset)
             continue
-        if b.next_offset > start and b.base_offset < stop:
-            runs.append((partition, b, start, stop))
+        base = getattr(b, "base_offset", -1)  # none on legacy (v0/v1) batches: trimmed record by record
+        if b.next_offset > start and base < stop:
+            runs.append((partition, b, base, start, stop))
         nxt = max(nxt, b.next_offset)
     return nxt
 
