@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import gc
 import os
@@ -39,11 +40,16 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import errors as Errors
+from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.record.control_record import ABORT_MARKER, ControlRecord
+from aiokafka.record.memory_records import MemoryRecords
 
+from events.envelope import CURRENT_SCHEMA_VERSION
 from events.upcast import upcast
 from projections import fold as core
 from projections import lead_log
@@ -52,57 +58,159 @@ from services.config import Settings, Topics
 from services.derived_reader import topic_partitions
 
 _EPOCH0 = datetime(1970, 1, 1, tzinfo=timezone.utc)
-MAX_RECORDS = 5000
+# ``core.fold`` without its wrapper and second dedupe check, for records whose id the caller found new to the lead
+# (``core.fold(state, rec, book, merge_from=m, emit=False)`` == ``_fold_new(state, rec, book, m, None, True)`` then)
+_fold_new = core._fold
+READ_COMMITTED = 1   # FetchRequest isolation level
 CHUNK = 200_000   # lead-keyed records decoded and grouped by lead before they are folded
 
 
 # ---------------------------------------------------------------------------------------------------- reading
 
-async def read_log(bootstrap: str, topic: str, on_message: Callable[[Any], None],
-                   ends: Optional[dict] = None) -> int:
-    """Feed every message of ``topic`` up to ``ends`` (default: the end offsets now) to ``on_message``, each
-    partition in log order, in batches. Returns the number of messages."""
+FETCH_BYTES = 16 * 1024 * 1024      # per fetch request (one in flight while the previous response is folded)
+PARTITION_BYTES = 4 * 1024 * 1024   # per partition and fetch
+STALL_S = 10.0                      # a partition that makes no progress this long below its end is given up
+
+
+async def scan_log(bootstrap: str, topic: str, on_records: Callable[[int, list], None],
+                   ends: Optional[dict] = None) -> None:
+    """Feed every committed record of ``topic`` up to ``ends`` (default: the end offsets now) to
+    ``on_records(partition, records)``: each partition's records in log order, in runs (``records``: a list of
+    aiokafka's C record objects, ``.offset``/``.key``/``.value`` as bytes). Partitions interleave.
+
+    The consumer's own fetch loop builds a ``ConsumerRecord`` dataclass per record (≈ 3–5 µs each here, as much as
+    decoding the JSON); this loop sends the fetch requests itself through the consumer's client and walks the
+    returned record batches (aiokafka's C parser, CRCs checked, ``read_committed``: control batches and aborted
+    transactions skipped as aiokafka's ``PartitionRecords`` does). The next fetch is in flight while the records of
+    the previous one are handed out, so the broker works beside this process."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                isolation_level="read_committed", auto_offset_reset="earliest",
-                                max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+                                isolation_level="read_committed")
     await consumer.start()
-    n = 0
     try:
         tps = await topic_partitions(consumer, topic)
+        end = ends if ends is not None else (await consumer.end_offsets(tps) if tps else {})
+        tps = [tp for tp in tps if end.get(tp, 0) > 0]
         if not tps:
-            return 0
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = ends if ends is not None else await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if end.get(tp, 0) > 0}
-        for tp in tps:
-            if tp not in remaining:
-                consumer.pause(tp)
-        idle = 0
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000, max_records=MAX_RECORDS)
-            if not batch:
-                idle += 1
-                if idle > 10:  # only transaction markers left before the captured end
-                    break
-                continue
-            idle = 0
-            for tp, msgs in batch.items():
-                stop = end[tp]
-                for m in msgs:
-                    if m.offset < stop:
-                        on_message(m)
-                        n += 1
-                if msgs and msgs[-1].offset + 1 >= stop:
-                    remaining.discard(tp)
-                    consumer.pause(tp)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-                    consumer.pause(tp)
+            return
+        begin = await consumer.beginning_offsets(tps)
+        pos = {tp: begin[tp] for tp in tps if begin[tp] < end[tp]}
+        client = consumer._client
+        last_progress = {tp: time.monotonic() for tp in pos}
+        last_ok = [time.monotonic()]   # the last fetch answered
+
+        async def fetch(active: list) -> list:
+            by_node: dict[Any, list] = {}
+            for tp in active:
+                by_node.setdefault(client.cluster.leader_for_partition(tp), []).append(tp)
+            try:
+                if None in by_node or -1 in by_node:
+                    raise Errors.LeaderNotAvailableError(f"no leader known for a partition of {topic}")
+                reqs = [client.send(node, FetchRequest(500, 1, FETCH_BYTES, READ_COMMITTED,
+                                                       [(topic, [(tp.partition, pos[tp], PARTITION_BYTES)
+                                                                 for tp in ps])]))
+                        for node, ps in by_node.items()]
+                return list(await asyncio.gather(*reqs))
+            except Errors.KafkaError:  # the broker away or moving: retried, for STALL_S at most
+                if time.monotonic() - last_ok[0] > STALL_S:
+                    raise
+                await asyncio.sleep(0.2)
+                await client.force_metadata_update()
+                return []
+
+        pending = asyncio.ensure_future(fetch(list(pos)))
+        try:
+            while pending is not None:
+                responses = await pending
+                pending = None
+                if responses:
+                    last_ok[0] = time.monotonic()
+                runs: list[tuple[int, Any, int, int, int]] = []   # (partition, batch, its base, from, to offset)
+                stale = False
+                now = time.monotonic()
+                for resp in responses:
+                    for _topic, parts in resp.topics:
+                        for partition, code, _hw, *pd in parts:
+                            tp = TopicPartition(topic, partition)
+                            if tp not in pos:
+                                continue
+                            err = Errors.for_code(code)
+                            if err is not Errors.NoError:
+                                if err.retriable and now - last_progress[tp] <= STALL_S:
+                                    stale = True
+                                    continue
+                                raise err(f"fetch {tp}")
+                            start, stop = pos[tp], end[tp]
+                            nxt = _walk(MemoryRecords(pd[-1]), pd[-2] if resp.API_VERSION < 11 else pd[2],
+                                        partition, start, stop, runs)
+                            if nxt > start:
+                                pos[tp] = nxt
+                                last_progress[tp] = now
+                            if nxt >= stop:
+                                del pos[tp]
+                for tp in [tp for tp in pos if now - last_progress[tp] > STALL_S and now - last_ok[0] < 1.0]:
+                    del pos[tp]   # answered, yet no progress: only an open transaction left below the captured end
+                if stale:
+                    await client.force_metadata_update()
+                if pos:
+                    pending = asyncio.ensure_future(fetch(list(pos)))
+                for partition, batch, base, lo, hi in runs:
+                    if base >= lo and batch.next_offset <= hi:
+                        on_records(partition, list(batch))
+                    else:
+                        on_records(partition, [r for r in batch if lo <= r.offset < hi])
+        finally:
+            if pending is not None:
+                pending.cancel()
     finally:
         await consumer.stop()
-    return n
+
+
+def _walk(records: MemoryRecords, aborted: Optional[list], partition: int, start: int, stop: int,
+          runs: list) -> int:
+    """Append the data batches of one partition's fetched records that hold offsets in [start, stop) to ``runs``;
+    returns the next offset to fetch. read_committed, as aiokafka's ``PartitionRecords._unpack_records``."""
+    aborted = sorted(aborted or [], key=lambda x: x[1])
+    aborted_producers: set = set()
+    nxt = start
+    while records.has_next():
+        b = records.next_batch()
+        if not b.validate_crc():
+            raise Errors.CorruptRecordException(f"invalid CRC in partition {partition} after offset {nxt}")
+        pid = b.producer_id
+        if pid is not None:
+            while aborted and aborted[0][1] <= b.base_offset:
+                aborted_producers.add(aborted.pop(0)[0])
+            if b.is_control_batch:
+                if ControlRecord.parse(next(b).key) == ABORT_MARKER:
+                    aborted_producers.discard(pid)
+                nxt = max(nxt, b.next_offset)
+                continue
+            if b.is_transactional and pid in aborted_producers:
+                nxt = max(nxt, b.next_offset)
+                continue
+        elif b.is_control_batch:
+            nxt = max(nxt, b.next_offset)
+            continue
+        base = getattr(b, "base_offset", -1)  # none on legacy (v0/v1) batches: trimmed record by record
+        if b.next_offset > start and base < stop:
+            runs.append((partition, b, base, start, stop))
+        nxt = max(nxt, b.next_offset)
+    return nxt
+
+
+async def read_log(bootstrap: str, topic: str, on_message: Callable[[Any], None],
+                   ends: Optional[dict] = None) -> int:
+    """``on_message(record)`` for every committed record of ``topic`` up to ``ends`` (default: the end offsets now),
+    each partition in log order (``record.key``, ``.value``, ``.offset``). Returns the number of records."""
+    n = [0]
+
+    def on_records(_p: int, recs: list) -> None:
+        n[0] += len(recs)
+        for m in recs:
+            on_message(m)
+
+    await scan_log(bootstrap, topic, on_records, ends)
+    return n[0]
 
 
 async def end_offsets(bootstrap: str, topic: str) -> dict:
@@ -134,9 +242,12 @@ class LogFold:
             self.mqls.append((lead, before, st.t, cause))
 
     def _fold(self, lead: str, s: lead_log.LeadLogState, rec: dict, merge_from: Optional[core.LeadState] = None):
-        before = s.lead.handoffs
-        core.fold(s.lead, rec, self.book, merge_from=merge_from, emit=False)
-        self._folded(lead, s.lead, before, rec["event_id"])
+        """``core.fold`` of a record whose id is new to the lead (the callers checked the dedupe window)."""
+        st = s.lead
+        before = st.handoffs
+        _fold_new(st, rec, self.book, merge_from, None, True)
+        if st.handoffs != before:
+            self._folded(lead, st, before, rec["event_id"])
 
     def _touchpoint(self, lead: str, s: lead_log.LeadLogState, rec: dict) -> None:
         eid = rec.get("event_id")
@@ -155,10 +266,14 @@ class LogFold:
         """The anonymous subject as the identity stage had it at the join, folded under this book."""
         want = live.get("q", 0)
         st = core.LeadState(aid, True)
-        for ev in self.anon_events.get(aid, ()):
+        evs = self.anon_events.get(aid, ())
+        for i, ev in enumerate(evs):
             if st.seq >= want:
                 break
-            core.fold(st, ev, self.book, emit=False)
+            if type(ev) is bytes:
+                ev = evs[i] = _anonymous_event(ev, aid)  # decoded once, for every book
+            if ev is not None:
+                _fold_new(st, ev, self.book, None, None, False)  # = core.fold(st, ev, book, emit=False)
         if st.seq < want:
             self.short_joins += 1
         return st
@@ -173,16 +288,33 @@ class LogFold:
         self._resolution(lead, s, rec)
 
     def apply_many(self, lead: str, recs: list[dict]) -> None:
-        """``apply`` of consecutive records of one lead (its log order)."""
+        """``apply`` of consecutive records of one lead (its log order); ``_touchpoint`` inlined (the hot loop)."""
         s = self.states.get(lead)
         if s is None:
             s = self.states[lead] = lead_log.LeadLogState(core.LeadState(lead, False))
+        st = s.lead
+        book = self.book
         resolve = lead_log.RESOLVE_TYPE
+        subject_of = core.subject_of
+        fold = _fold_new
         for rec in recs:
-            if rec.get("type") != resolve:
-                self._touchpoint(lead, s, rec)
-            else:
+            if rec.get("type") == resolve:
                 self._resolution(lead, s, rec)
+                continue
+            eid = rec.get("event_id")
+            if eid in st.seen or eid in st.seen_old:
+                continue  # a repeated event: nothing to fold, nothing to wait for (as lead_log)
+            if s.pending is not None:
+                s.pending[2].append(rec)
+                continue
+            aid = rec.get("anonymous_id")
+            if aid and aid not in s.resolved and subject_of(rec)[0] is not None:
+                s.pending = [aid, rec["event_id"], [rec]]
+                continue
+            before = st.handoffs
+            fold(st, rec, book, None, None, True)
+            if st.handoffs != before:
+                self._folded(lead, st, before, rec["event_id"])
 
     def _resolution(self, lead: str, s: lead_log.LeadLogState, rec: dict) -> None:
         p = s.pending
@@ -204,90 +336,228 @@ def _is_anonymous_only(ev: dict) -> bool:
     return core.subject_of(ev)[0] is None and bool(ev.get("anonymous_id"))
 
 
-def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], shard: int = 0, shards: int = 1) -> dict:
-    """Fold the log under each book; returns ``{"mqls": [[...] per book], "touchpoints", "records", ...}``.
-    With ``shards > 1`` only the lead-keyed partitions ``p % shards == shard`` are folded (leads are independent)."""
-    async def run() -> dict:
-        ends = await end_offsets(bootstrap, topics.by_lead)
-        by_lead_end = {tp: (n if tp.partition % shards == shard else 0) for tp, n in ends.items()}
-        anon: dict[str, list[dict]] = {}
+_NO_COOKIE = b'"anonymous_id":null'
+_AID = b'"anonymous_id":'
 
-        def on_touchpoint(m) -> None:
-            if b'"anonymous_id":null' in m.value:  # the wire format of events without a cookie: not anonymous
-                return
-            ev = orjson.loads(m.value)
+
+def _anonymous_event(raw: bytes, aid: str) -> Optional[dict]:
+    """A touchpoint kept raw under its key ``aid`` (its one ``"anonymous_id":`` member holds ``aid``), decoded:
+    the event when it is an anonymous-only event of ``aid``, else None (it carries a lead key: not anonymous)."""
+    ev = orjson.loads(raw)
+    if ev.get("email") or ev.get("lead_id") or not ev.get("anonymous_id"):
+        return None
+    ev = upcast(ev)
+    if not _is_anonymous_only(ev):
+        return None
+    if ev["anonymous_id"] != aid:  # only with an escaped member name beside a nested "anonymous_id": refuse
+        raise ValueError(f"touchpoint {ev.get('event_id')!r} of cookie {ev['anonymous_id']!r} keyed by {aid!r}")
+    return ev
+
+
+async def read_anonymous(bootstrap: str, topic: str) -> tuple[int, dict[str, list]]:
+    """The anonymous-only events of the ``touchpoints`` log per cookie, in partition order (joins rebuild their
+    anonymous state from them); returns (touchpoints read, {anonymous id: [event dict, or its raw bytes]})."""
+    anon: dict[str, list] = {}
+    n_tp = [0]
+
+    def on_touchpoints(_p: int, recs: list) -> None:
+        n_tp[0] += len(recs)
+        for r in recs:
+            v = r.value
+            if _NO_COOKIE in v:  # the wire format of events without a cookie: not anonymous
+                continue
+            k = r.key
+            if k and v.count(_AID) == 1 and _AID + b'"' + k + b'"' in v and b"\\" not in k:
+                # keyed by its cookie, as ingest keys anonymous-only events: kept raw, decoded if a join needs it
+                # (few do: most of a cookie's events reach its lead on the lead-keyed log)
+                g = anon.get(k.decode())
+                if g is None:
+                    anon[k.decode()] = [v]
+                else:
+                    g.append(v)
+                continue
+            ev = orjson.loads(v)
             if not ev.get("email") and not ev.get("lead_id") and ev.get("anonymous_id"):
                 ev = upcast(ev)
                 if _is_anonymous_only(ev):
                     anon.setdefault(ev["anonymous_id"], []).append(ev)
 
-        n_tp = await read_log(bootstrap, topics.touchpoints, on_touchpoint)
-        folds = [LogFold(b, anon) for b in books]
-        # Records are decoded and grouped by lead as they arrive; every CHUNK records the groups are folded lead by
-        # lead, each book in turn. Leads are independent and each keeps its log order, so this is the fold in log
-        # order, only faster (a lead's state and records stay in the CPU caches while they are folded).
-        groups: dict[str, list[dict]] = {}
-        queued = [0]
+    await scan_log(bootstrap, topic, on_touchpoints)
+    return n_tp[0], anon
+
+
+async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon: dict[str, list],
+                        ends: dict) -> dict:
+    """Fold the lead-keyed log up to ``ends`` under each book; returns ``{"mqls": [[...] per book], "records",
+    "leads", "short_joins"}``."""
+    folds = [LogFold(b, anon) for b in books]
+    # The lead-keyed records are grouped by lead (raw key and value bytes) as they arrive; every CHUNK records the
+    # groups are decoded and folded lead by lead, each book in turn. Leads are independent and each keeps its log
+    # order, so this is the fold in log order, only faster: a lead's state and its records stay in the CPU caches
+    # while they are decoded and folded, and no per-record object outlives its group.
+    groups: dict[bytes, list[bytes]] = {}
+    queued = [0, 0]   # records in the groups, records read
+
+    def flush() -> None:
         loads = orjson.loads
         resolve = lead_log.RESOLVE_TYPE
+        current = CURRENT_SCHEMA_VERSION
+        for key, raw in groups.items():
+            recs = [loads(v) for v in raw]
+            for i, rec in enumerate(recs):
+                if rec.get("schema_version") != current and rec.get("type") != resolve:
+                    recs[i] = upcast(rec)
+            lead = key.decode()
+            for f in folds:
+                f.apply_many(lead, recs)
+        groups.clear()
+        queued[0] = 0
 
-        def flush() -> None:
-            for lead, recs in groups.items():
-                for f in folds:
-                    f.apply_many(lead, recs)
-            groups.clear()
-            queued[0] = 0
-
-        def on_record(m) -> None:
-            rec = loads(m.value)
-            if rec.get("type") != resolve:
-                rec = upcast(rec)
-            lead = m.key.decode()
-            g = groups.get(lead)
+    def on_records(_p: int, recs: list) -> None:
+        get = groups.get
+        for r in recs:
+            k = r.key
+            g = get(k)
             if g is None:
-                groups[lead] = [rec]
+                groups[k] = [r.value]
             else:
-                g.append(rec)
-            queued[0] += 1
-            if queued[0] >= CHUNK:
-                flush()
+                g.append(r.value)
+        queued[0] += len(recs)
+        queued[1] += len(recs)
+        if queued[0] >= CHUNK:
+            flush()
 
-        n_lead = await read_log(bootstrap, topics.by_lead, on_record, by_lead_end) if any(by_lead_end.values()) \
-            else 0
-        flush()
-        return {"touchpoints": n_tp, "records": n_lead, "mqls": [f.mqls for f in folds],
-                "leads": len(folds[0].states) if folds else 0, "short_joins": [f.short_joins for f in folds]}
+    if any(ends.values()):
+        await scan_log(bootstrap, topic, on_records, ends)
+    flush()
+    return {"records": queued[1], "mqls": [f.mqls for f in folds], "leads": len(folds[0].states) if folds else 0,
+            "short_joins": [f.short_joins for f in folds]}
 
+
+def _shard_ends(ends: dict, shard: int, shards: int) -> dict:
+    return {tp: (n if tp.partition % shards == shard else 0) for tp, n in ends.items()}
+
+
+def _balanced_ends(ends: dict, shards: int) -> list[dict]:
+    """The lead-keyed partitions dealt to ``shards`` shards, each (largest first, by end offset) to the least
+    loaded one; returns the ends each shard reads (0 = not its partition). Any split of the partitions gives the
+    same result (leads are independent); a balanced one finishes sooner."""
+    load = [0] * shards
+    owner = {}
+    for tp, n in sorted(ends.items(), key=lambda x: (-x[1], x[0].partition)):
+        i = min(range(shards), key=lambda j: (load[j], j))
+        owner[tp] = i
+        load[i] += n
+    return [{tp: (n if owner[tp] == i else 0) for tp, n in ends.items()} for i in range(shards)]
+
+
+@contextlib.contextmanager
+def _gc_off() -> Iterator[None]:
     # The fold keeps millions of small containers alive to the end, none in a cycle: the cyclic GC would only
-    # re-scan them (≈ 40 % of the run time on a 200k-event log). Reference counting still frees the rest; the few
-    # cycles the Kafka client leaves behind are collected when the GC is back on.
+    # re-scan them (≈ 40 % of the run time on a 200k-event log, and ×3 on decoding). Reference counting still frees
+    # the rest; the few cycles the Kafka client leaves behind are collected when the GC is back on.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return asyncio.run(run())
+        yield
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def _fold_shard(bootstrap: str, topics: dict, books: list[list[dict]], shard: int, shards: int) -> dict:
-    """Worker entry (a process per shard of the lead-keyed partitions): rule sets travel as JSON."""
+def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], shard: int = 0, shards: int = 1,
+             ends: Optional[dict] = None) -> dict:
+    """Fold the log under each book; returns ``{"mqls": [[...] per book], "touchpoints", "records", ...}``.
+    With ``shards > 1`` only the lead-keyed partitions ``p % shards == shard`` are folded (leads are independent);
+    ``ends``: the lead-keyed log's partitions and end offsets to fold instead (0 = not this shard's)."""
+    async def run() -> dict:
+        lead_ends = ends if ends is not None else _shard_ends(await end_offsets(bootstrap, topics.by_lead), shard,
+                                                              shards)
+        n_tp, anon = await read_anonymous(bootstrap, topics.touchpoints)
+        out = await fold_lead_log(bootstrap, topics.by_lead, books, anon, lead_ends)
+        out["touchpoints"] = n_tp
+        return out
+
+    with _gc_off():
+        return asyncio.run(run())
+
+
+def _fold_shard(bootstrap: str, topics: dict, books: list[list[dict]], ends: dict) -> dict:
+    """Spawned worker entry (a process per shard of the lead-keyed partitions): rule sets travel as JSON."""
     return fold_log(bootstrap, Topics(**topics), [RuleBook([RuleSet.model_validate(s) for s in b]) for b in books],
-                    shard, shards)
+                    ends=ends)
+
+
+def _fold_child(conn: Any, bootstrap: str, topic: str, books: list[RuleBook], anon: dict[str, list],
+                ends: dict) -> None:
+    """Forked worker: fold one shard of the lead-keyed log, send the result (or the error) back, exit without the
+    interpreter's teardown (freeing every lead state one by one would only cost time)."""
+    try:
+        try:
+            out: tuple = ("ok", asyncio.run(fold_lead_log(bootstrap, topic, books, anon, ends)))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+            import traceback
+
+            out = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        conn.send(out)
+        conn.close()
+    finally:
+        os._exit(0)
 
 
 def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int = 1) -> dict:
-    """``fold_log`` in ``jobs`` processes, each folding every book over a shard of the lead-keyed partitions (each
-    also reads the whole touchpoints log for the anonymous events of joins). Results are merged in shard order."""
+    """``fold_log`` in ``jobs`` processes, each folding every book over a shard of the lead-keyed partitions
+    (balanced by size, ``_balanced_ends``); results are merged in shard order.
+
+    This process reads the anonymous events once, then forks a child per shard but the first, which it folds
+    itself: the children inherit the anonymous events, the rule books and the interpreter (no start-up, no
+    re-import: ≈ 1 s per process on this machine). When this process has other threads (forking them is unsafe),
+    every shard runs in a spawned process that reads the touchpoints log itself."""
     if jobs <= 1:
         return fold_log(bootstrap, topics, books)
     import multiprocessing
+    import threading
 
-    docs = [[rs.model.model_dump(mode="json", by_alias=True, exclude_none=True) for rs in b.sets] for b in books]
-    tdict = {k: getattr(topics, k) for k in Topics.__dataclass_fields__}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-        parts = list(ex.map(_fold_shard, [bootstrap] * jobs, [tdict] * jobs, [docs] * jobs, range(jobs),
-                            [jobs] * jobs))
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("fork")
+        with _gc_off():
+            async def prepare() -> tuple[dict, int, dict]:
+                ends = await end_offsets(bootstrap, topics.by_lead)
+                return (ends, *await read_anonymous(bootstrap, topics.touchpoints))
+
+            ends, n_tp, anon = asyncio.run(prepare())
+            split = _balanced_ends(ends, jobs)
+            children = []
+            for shard in range(1, jobs):
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_fold_child, daemon=True,
+                                   args=(send, bootstrap, topics.by_lead, books, anon, split[shard]))
+                proc.start()
+                send.close()
+                children.append((proc, recv))
+            try:
+                parts = [asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, split[0]))]
+                for proc, recv in children:
+                    try:
+                        status, out = recv.recv()
+                    except EOFError:
+                        status, out = "error", "the worker exited without a result"
+                    proc.join()
+                    if status != "ok":
+                        raise RuntimeError(f"back-test worker failed: {out}")
+                    parts.append(out)
+            finally:
+                for proc, _recv in children:
+                    if proc.is_alive():
+                        proc.kill()
+                        proc.join()
+        parts[0]["touchpoints"] = n_tp
+    else:
+        docs = [[rs.model.model_dump(mode="json", by_alias=True, exclude_none=True) for rs in b.sets] for b in books]
+        tdict = {k: getattr(topics, k) for k in Topics.__dataclass_fields__}
+        split = _balanced_ends(asyncio.run(end_offsets(bootstrap, topics.by_lead)), jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            parts = list(ex.map(_fold_shard, [bootstrap] * jobs, [tdict] * jobs, [docs] * jobs, split))
     return {"touchpoints": parts[0]["touchpoints"], "records": sum(p["records"] for p in parts),
             "leads": sum(p["leads"] for p in parts),
             "mqls": [[m for p in parts for m in p["mqls"][i]] for i in range(len(books))],

@@ -1,0 +1,115 @@
+"""The back-test's own log reader (services.backtest_log.scan_log / read_log) against the real broker: what a
+read_committed consumer sees, in partition order — aborted transactions and transaction markers skipped, the
+captured end respected, also in the middle of a batch."""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from services.backtest_log import read_log, scan_log
+from services.derived_reader import read_log as consumer_read_log
+from services.kafka_io import ensure_topics, make_producer
+
+
+async def _consumer_view(bootstrap: str, topic: str) -> dict[int, list[tuple[int, bytes, bytes]]]:
+    out: dict[int, list] = {}
+    async for m in consumer_read_log(bootstrap, topic):
+        out.setdefault(m.partition, []).append((m.offset, m.key, m.value))
+    return out
+
+
+async def test_scan_log_reads_what_a_read_committed_consumer_reads(kafka_bootstrap: str, unique: str) -> None:
+    topic = f"bt-reader-{unique}"
+    await ensure_topics(kafka_bootstrap, [topic], partitions=3)
+    plain = make_producer(kafka_bootstrap)
+    tx = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"bt-reader-{unique}")
+    await plain.start()
+    await tx.start()
+    try:
+        for i in range(300):  # batched records, several per batch
+            await plain.send(topic, b"plain-%d" % i, key=b"k%d" % (i % 7), partition=i % 3)
+        await plain.flush()
+        for n, commit in enumerate((True, False, True, False, True)):
+            await tx.begin_transaction()
+            for p in range(3):
+                for j in range(4):
+                    await tx.send(topic, b"tx%d-%d-%d" % (n, p, j), key=b"t", partition=p)
+            if commit:
+                await tx.commit_transaction()
+            else:
+                await tx.abort_transaction()
+        for i in range(10):
+            await plain.send(topic, b"tail-%d" % i, key=b"z", partition=0)
+        await plain.flush()
+    finally:
+        await tx.stop()
+        await plain.stop()
+
+    expected = await _consumer_view(kafka_bootstrap, topic)
+    assert not any(b"tx1-" in v or b"tx3-" in v for recs in expected.values() for _o, _k, v in recs)  # aborted
+    got: dict[int, list] = {}
+    await scan_log(kafka_bootstrap, topic, lambda p, recs: got.setdefault(p, []).extend(
+        (r.offset, r.key, r.value) for r in recs))
+    assert got == expected
+
+    # read_log: one call per record, up to a captured end (here: mid-way through partition 0, nothing of 2)
+    cut = expected[0][60][0]  # inside a batch of the plain producer
+    ends = {TopicPartition(topic, 0): cut, TopicPartition(topic, 1): expected[1][-1][0] + 1,
+            TopicPartition(topic, 2): 0}
+    seen: list = []
+    n = await read_log(kafka_bootstrap, topic, lambda m: seen.append((m.offset, m.value)), ends)
+    want = [(o, v) for o, _k, v in expected[0] if o < cut] + [(o, v) for o, _k, v in expected[1]]
+    assert n == len(want) and sorted(seen) == sorted(want)
+
+
+def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str, unique: str) -> None:
+    """fold_books over Kafka — one process, and shards in forked processes (this test's process has no other
+    thread) or spawned ones — gives the MQLs of LogFold over the same log in memory."""
+    import asyncio
+    import threading
+
+    import orjson
+
+    from bench.gen_history import generate
+    from projections.fold import normalise_email, subject_of
+    from services.backtest_log import LogFold, fold_books
+    from services.config import Topics
+    from tests.test_replay import BOOK, lead_keyed_log
+
+    events = generate(3000, 150, seed=11)
+    for e in events:
+        e["email"] = normalise_email(e["email"])
+    log = lead_keyed_log(events)
+    topics = Topics(touchpoints=f"bt-tp-{unique}", by_lead=f"bt-bylead-{unique}")
+
+    async def produce() -> None:
+        await ensure_topics(kafka_bootstrap, [topics.touchpoints, topics.by_lead], partitions=4)
+        p = make_producer(kafka_bootstrap)
+        await p.start()
+        try:
+            for e in events:
+                await p.send(topics.touchpoints, orjson.dumps(e),
+                             key=(e["lead_id"] or e["email"] or e["anonymous_id"]).encode())
+            for r in log:
+                await p.send(topics.by_lead, orjson.dumps({k: v for k, v in r.items() if k != "lead"}),
+                             key=r["lead"].encode())
+            await p.flush()
+        finally:
+            await p.stop()
+
+    asyncio.run(produce())
+    anon: dict[str, list[dict]] = {}
+    for ev in events:
+        lead, aid = subject_of(ev)
+        if lead is None:
+            anon.setdefault(aid, []).append(ev)
+    mem = LogFold(BOOK, anon)
+    for r in log:
+        mem.apply(r["lead"], {k: v for k, v in r.items() if k != "lead"})
+    assert mem.mqls
+    forked = threading.active_count() == 1
+    for jobs in (1, 2, 3):
+        out = fold_books(kafka_bootstrap, topics, [BOOK, BOOK], jobs)
+        assert out["touchpoints"] == len(events) and out["records"] == len(log), (jobs, forked)
+        assert out["leads"] == len(mem.states) and out["short_joins"] == [0, 0]
+        assert sorted(out["mqls"][0]) == sorted(out["mqls"][1]) == sorted(mem.mqls), (jobs, forked)
