@@ -51,6 +51,7 @@ from aiokafka.record.memory_records import MemoryRecords
 
 from events.envelope import CURRENT_SCHEMA_VERSION
 from events.upcast import upcast
+from events.wire import check_envelope
 from projections import fold as core
 from projections import lead_log
 from projections.rules import RuleBook, RuleSet, RuleSetError, load_rule_sets
@@ -347,7 +348,7 @@ def _anonymous_event(raw: bytes, aid: str) -> Optional[dict]:
     if ev.get("email") or ev.get("lead_id") or not ev.get("anonymous_id"):
         return None
     ev = upcast(ev)
-    if not _is_anonymous_only(ev):
+    if not _is_anonymous_only(ev) or check_envelope(ev) is not None:  # the identity stage never folds the latter
         return None
     if ev["anonymous_id"] != aid:  # only with an escaped member name beside a nested "anonymous_id": refuse
         raise ValueError(f"touchpoint {ev.get('event_id')!r} of cookie {ev['anonymous_id']!r} keyed by {aid!r}")
@@ -379,7 +380,7 @@ async def read_anonymous(bootstrap: str, topic: str) -> tuple[int, dict[str, lis
             ev = orjson.loads(v)
             if not ev.get("email") and not ev.get("lead_id") and ev.get("anonymous_id"):
                 ev = upcast(ev)
-                if _is_anonymous_only(ev):
+                if _is_anonymous_only(ev) and check_envelope(ev) is None:
                     anon.setdefault(ev["anonymous_id"], []).append(ev)
 
     await scan_log(bootstrap, topic, on_touchpoints)
@@ -400,13 +401,22 @@ async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon:
 
     def flush() -> None:
         loads = orjson.loads
+        check = check_envelope
         resolve = lead_log.RESOLVE_TYPE
         current = CURRENT_SCHEMA_VERSION
         for key, raw in groups.items():
             recs = [loads(v) for v in raw]
+            refused = False
             for i, rec in enumerate(recs):
-                if rec.get("schema_version") != current and rec.get("type") != resolve:
-                    recs[i] = upcast(rec)
+                if rec.get("type") == resolve:
+                    continue
+                if rec.get("schema_version") != current:
+                    rec = recs[i] = upcast(rec)
+                if check(rec) is not None:  # the live lead stage dead-letters it unfolded: so does the back-test
+                    recs[i] = None
+                    refused = True
+            if refused:
+                recs = [r for r in recs if r is not None]
             lead = key.decode()
             for f in folds:
                 f.apply_many(lead, recs)
