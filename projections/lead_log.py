@@ -8,15 +8,20 @@ this event is the join, nothing otherwise. The lead holds its later events back 
 folds the event exactly as the offline fold does (`fold(state, event, merge_from=anonymous state)`), so the live
 result equals the offline fold of the same log. Anonymous ids already resolved for a lead need no round trip.
 
+A record that is not a foldable touchpoint (`events.wire.check_envelope`: written past the ingest API by another
+producer) is refused with an `event_rejected` and leaves the state untouched, wherever the log is folded.
+
 Pure: the processor, replays of the lead-keyed log and the tests all call `apply`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Optional, Union
 
 import orjson
 
+from events.wire import FIELDS as WIRE_FIELDS, check_envelope
 from projections import fold as core
 from projections.rules import RuleBook
 
@@ -74,8 +79,24 @@ def apply(st: Optional[LeadLogState], key: str, rec: dict[str, Any],
         for r in held[1:]:
             _touchpoint(st, r, book, out)
         return st, out
+    problem = check_envelope(rec)
+    if problem is not None:  # written past the ingest API's validation: refused, the state untouched
+        out.append(refusal(key, rec, problem))
+        return st, out
     _touchpoint(st, rec, book, out)
     return st, out
+
+
+def refusal(lead: str, rec: Any, problem: str) -> dict[str, Any]:
+    """The ``event_rejected`` of a record that is not a foldable touchpoint (``problem``: check_envelope's words,
+    which start with the field to blame)."""
+    field = problem.split(":", 1)[0]
+    eid = rec.get("event_id") if isinstance(rec, dict) else None
+    if not isinstance(eid, str):
+        eid = "raw:" + hashlib.sha256(orjson.dumps(rec)).hexdigest()[:32]
+    return {"type": "event_rejected", "event_id": f"rejected:{eid}", "lead": lead,
+            "reason": f"invalid touchpoint: {problem}", "field": field if field in WIRE_FIELDS else None,
+            "event": rec}
 
 
 def _touchpoint(st: LeadLogState, rec: dict[str, Any], book: RuleBook, out: list[dict]) -> None:

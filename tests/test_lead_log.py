@@ -137,3 +137,21 @@ def test_a_join_merges_the_anonymous_history_once() -> None:
     assert merged_eng > 0.0  # the pricing view scored before the join counts for the lead
     st_, _ = apply(st_, LEAD, answer, BOOK)  # a redelivered answer changes nothing
     assert st_.lead.eng == merged_eng
+
+
+def test_a_record_that_is_no_touchpoint_is_refused_and_changes_nothing() -> None:
+    good = {"event_id": "g1", "type": "page_viewed", "occurred_at": T0.isoformat(timespec="microseconds"),
+            "received_at": T0.isoformat(timespec="microseconds"), "lead_id": None, "anonymous_id": None,
+            "email": LEAD, "source": "web", "campaign": None, "payload": {"url": URLS[0]}, "schema_version": 2}
+    st0, _ = apply(None, LEAD, good, BOOK)
+    before = st0.to_bytes()
+    for bad, field in (({**good, "event_id": "b1", "occurred_at": "soon"}, "occurred_at"),
+                       ({**good, "event_id": "b2", "received_at": "2026-03-02T09:00:00"}, "received_at"),
+                       ({**good, "event_id": "b3", "payload": ["x"]}, "payload"),
+                       ({k: v for k, v in good.items() if k != "event_id"}, "event_id")):
+        st1, out = apply(st0, LEAD, bad, BOOK)
+        assert st1.to_bytes() == before
+        assert [(d["type"], d["field"], d["lead"]) for d in out] == [("event_rejected", field, LEAD)]
+        assert out[0]["reason"].startswith(f"invalid touchpoint: {field}: ") and out[0]["event"] == bad
+        assert out[0]["event_id"] == (f"rejected:{bad['event_id']}" if "event_id" in bad else out[0]["event_id"])
+        assert apply(st0, LEAD, bad, BOOK)[1] == out  # the same id again: consumers dedupe a redelivery

@@ -138,7 +138,8 @@ async def test_poison_records_are_dead_lettered_and_change_nothing(kafka_bootstr
         assert by_id[f"{unique}-b2"]["field"] == "received_at"
         assert by_id[f"{unique}-b2"]["reason"].startswith("invalid touchpoint: received_at: an offset is required")
         assert by_id[f"{unique}-b3"]["field"] == "occurred_at"
-        assert by_id[f"{unique}-b3"]["reason"].startswith("unfoldable: occurred_at: not an RFC 3339 timestamp")
+        assert by_id[f"{unique}-b3"]["reason"] == "invalid touchpoint: occurred_at: not an RFC 3339 timestamp: 'garbage'"
+        assert by_id[f"{unique}-b3"]["event_id"] == f"rejected:{unique}-b3" and by_id[f"{unique}-b3"]["lead"] == email
         assert by_id["{not json"]["field"] is None
         assert by_id["{not json"]["reason"].startswith("invalid touchpoint: undecodable: ")
         assert worker.restarts == 0
