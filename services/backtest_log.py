@@ -444,10 +444,6 @@ async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon:
             "short_joins": [f.short_joins for f in folds]}
 
 
-def _shard_ends(ends: dict, shard: int, shards: int) -> dict:
-    return {tp: (n if tp.partition % shards == shard else 0) for tp, n in ends.items()}
-
-
 def _balanced_ends(ends: dict, shards: int) -> list[dict]:
     """The lead-keyed partitions dealt to ``shards`` shards, each (largest first, by end offset) to the least
     loaded one; returns the ends each shard reads (0 = not its partition). Any split of the partitions gives the
@@ -475,14 +471,11 @@ def _gc_off() -> Iterator[None]:
             gc.enable()
 
 
-def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], shard: int = 0, shards: int = 1,
-             ends: Optional[dict] = None) -> dict:
+def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], ends: Optional[dict] = None) -> dict:
     """Fold the log under each book; returns ``{"mqls": [[...] per book], "touchpoints", "records", ...}``.
-    With ``shards > 1`` only the lead-keyed partitions ``p % shards == shard`` are folded (leads are independent);
-    ``ends``: the lead-keyed log's partitions and end offsets to fold instead (0 = not this shard's)."""
+    ``ends``: the lead-keyed log's partitions and end offsets to fold (0 = not this shard's; default: all of it)."""
     async def run() -> dict:
-        lead_ends = ends if ends is not None else _shard_ends(await end_offsets(bootstrap, topics.by_lead), shard,
-                                                              shards)
+        lead_ends = ends if ends is not None else await end_offsets(bootstrap, topics.by_lead)
         n_tp, anon = await read_anonymous(bootstrap, topics.touchpoints)
         out = await fold_lead_log(bootstrap, topics.by_lead, books, anon, lead_ends)
         out["touchpoints"] = n_tp

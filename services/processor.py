@@ -37,7 +37,7 @@ import orjson
 from faust.types import TP
 
 from events.upcast import upcast
-from events.wire import FIELDS as WIRE_FIELDS, check_envelope, decode
+from events.wire import check_envelope, decode
 from projections import fold as core
 from projections import lead_log
 from projections.rules import RuleBook
@@ -289,14 +289,17 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                         sends.append((by_lead_name, lead_b, lead_log.resolution_record(
                             req["lead"], req["anonymous_id"], req["event_id"], anon_state)))
                         continue
+                    # poison messages: dead-lettered with the reason, never dropped silently
                     try:
                         rec = decode(ev.value)
-                        problem = check_envelope(rec)
                     except Exception as exc:
-                        problem = f"undecodable: {exc}"
-                    if problem is not None:  # poison message: dead-letter with the reason, never drop silently
                         sends.append((rejected_name, ev.key or b"",
-                                      _rejected_raw(ev.value, "invalid touchpoint", problem)))
+                                      _rejected_raw(ev.value, f"invalid touchpoint: undecodable: {exc}")))
+                        continue
+                    problem = check_envelope(rec)
+                    if problem is not None:  # the same refusal as the lead stage's (lead_log.apply)
+                        refused = lead_log.refusal((ev.key or b"").decode("utf-8", "replace"), rec, problem)
+                        sends.append((rejected_name, ev.key or b"", orjson.dumps(refused)))
                         continue
                     lead, anon = core.subject_of(rec)
                     if lead is not None:
@@ -319,7 +322,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                     try:
                         st, derived = core.fold(st, rec, book)
                     except Exception as exc:  # poison record: dead-letter it; the stored state stays as it was
-                        sends.append((rejected_name, akey, _rejected_raw(ev.value, "unfoldable", str(exc))))
+                        sends.append((rejected_name, akey, _rejected_raw(ev.value, f"unfoldable: {exc}")))
                         continue
                     for d in derived:
                         if d["type"] == "event_rejected":
@@ -347,7 +350,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 handed_over(batch)
                 sends: list[tuple[str, bytes, bytes]] = []
                 states: dict[bytes, lead_log.LeadLogState | None] = {}
-                folded: dict[bytes, list[dict]] = {}  # records of this batch folded per lead (see the except)
+                good: dict[bytes, list[dict]] = {}  # records of this batch folded per lead (see the except)
                 for ev in batch:
                     key = ev.key
                     if key in states:
@@ -369,18 +372,18 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                     except Exception as exc:  # poison record: dead-letter it, keep the lead's state as it was
                         log.warning("rejecting an unfoldable record at %s/%s: %s", ev.message.partition,
                                     ev.message.offset, exc)
-                        sends.append((rejected_name, key, _rejected_raw(ev.value, "unfoldable", str(exc))))
+                        sends.append((rejected_name, key, _rejected_raw(ev.value, f"unfoldable: {exc}")))
                         # the fold may have changed the state before it failed: rebuild it from the stored state
                         # and this batch's good records (the fold is deterministic: the same state, the same
                         # derived events, which are already in `sends`)
                         raw = leads.get(key)
                         st = lead_log.LeadLogState.from_bytes(raw) if raw is not None else None
-                        for good in folded.get(key, ()):
-                            st, _ = lead_log.apply(st, key.decode(), good, book)
+                        for r in good.get(key, ()):
+                            st, _ = lead_log.apply(st, key.decode(), r, book)
                         states[key] = st
                         continue
                     states[key] = st
-                    folded.setdefault(key, []).append(rec)
+                    good.setdefault(key, []).append(rec)
                     for d in derived:
                         sends.append((out_names[d["type"]], key, orjson.dumps(d)))
                 await produce(sends)  # derived events are durable before the state that produced them
@@ -440,23 +443,19 @@ def _unpack_identity(raw: bytes | None) -> tuple[str | None, int, bytes | None]:
     return None, upto, raw[9:]
 
 
-def _rejected_raw(value: bytes | None, reason: str, cause: str | None = None) -> bytes:
-    """The dead-letter record of a record that cannot be folded. ``cause``: the check's own words
-    (``"occurred_at: not an RFC 3339 timestamp: ..."``), whose first word names the field when it is an envelope
-    field. ``event`` is the record as written: the object when it is a JSON object, else its text. The id is a digest
-    of the bytes, so a redelivery repeats it."""
+def _rejected_raw(value: bytes | None, reason: str) -> bytes:
+    """The dead-letter record of bytes that are no touchpoint, or whose fold failed: ``event`` is the record as
+    written (its object when it is a JSON object, else its text); the id is a digest of the bytes, so a redelivery
+    repeats it."""
     raw = value or b""
-    digest = hashlib.sha256(raw).hexdigest()[:32]
-    field = cause.split(":", 1)[0] if cause else None
     try:
         event: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
         event = None
     if not isinstance(event, dict):
         event = raw.decode("utf-8", "replace")[:4000]
-    return orjson.dumps({"type": "event_rejected", "reason": f"{reason}: {cause}" if cause else reason,
-                         "field": field if field in WIRE_FIELDS else None,
-                         "event_id": f"rejected:raw:{digest}", "event": event})
+    return orjson.dumps({"type": "event_rejected", "reason": reason, "field": None,
+                         "event_id": f"rejected:raw:{hashlib.sha256(raw).hexdigest()[:32]}", "event": event})
 
 
 def main(argv: list[str] | None = None) -> int:

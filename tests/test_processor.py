@@ -133,6 +133,7 @@ async def test_poison_records_are_dead_lettered_and_change_nothing(kafka_bootstr
         by_id = {r["event"]["event_id"] if isinstance(r["event"], dict) else r["event"]: r for r in rejected}
         assert set(by_id) == {f"{unique}-b1", f"{unique}-b2", f"{unique}-b3", "{not json"}, by_id
         assert by_id[f"{unique}-b1"]["field"] == "occurred_at"
+        assert by_id[f"{unique}-b1"]["event_id"] == f"rejected:{unique}-b1" and by_id[f"{unique}-b1"]["lead"] == cookie
         assert by_id[f"{unique}-b1"]["reason"] == \
             "invalid touchpoint: occurred_at: not an RFC 3339 timestamp: 'yesterday'"
         assert by_id[f"{unique}-b2"]["field"] == "received_at"
