@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import orjson
 
@@ -97,6 +97,15 @@ class Envelope(BaseModel):
         if self.source is None:
             self.source = DEFAULT_SOURCE.get(self.type, "unknown")
         return self
+
+
+def as_utc(v: Union[datetime, str, None]) -> Optional[datetime]:
+    """A timestamp (datetime or RFC 3339 string) as an aware datetime; naive ones are taken as UTC."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = datetime.fromisoformat(v)
+    return v if v.tzinfo is not None else v.replace(tzinfo=timezone.utc)
 
 
 def format_ts(dt: Optional[datetime]) -> Optional[str]:

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import orjson
 
+from events.envelope import as_utc
+
 GENESIS = "0" * 64
 #: archive ids are at most 128 characters (the column); longer ids (join resolutions keyed by a long lead) hash
 MAX_ID = 128
@@ -90,13 +92,8 @@ def _norm(v: Any) -> Any:
 
 
 def _ts(v: Any) -> Optional[str]:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        v = datetime.fromisoformat(v)
-    if v.tzinfo is None:
-        v = v.replace(tzinfo=timezone.utc)
-    return v.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    v = as_utc(v)
+    return None if v is None else v.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
 def canonical_bytes(row: dict) -> bytes:

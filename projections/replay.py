@@ -19,9 +19,10 @@ Pure: no I/O. PII in payloads stays sealed here (``projections.pii``); the calle
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Any, Iterable, Optional, Sequence
 
+from events.envelope import as_utc
 from events.upcast import upcast
 from projections import fold as core
 from projections import lead_log
@@ -37,13 +38,8 @@ _DERIVED_KEEP = {
 
 
 def _epoch(v: Any) -> Optional[float]:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        v = datetime.fromisoformat(v)
-    if v.tzinfo is None:
-        v = v.replace(tzinfo=timezone.utc)
-    return v.timestamp()
+    v = as_utc(v)
+    return None if v is None else v.timestamp()
 
 
 def _iso(v: Any) -> Optional[str]:
