@@ -187,10 +187,10 @@ class Agg:
         return self.sums[r] * 2.0 ** ((self.anch[r] - t) / h_s) if self.counts[r] else 0.0
 
     def to_list(self) -> list:
+        """The JSON-ready form (``from_list`` inverts it). The entries stay tuples: orjson writes them as arrays,
+        and copying each into a list doubled the cost of encoding a lead's state (written once per batch)."""
         return [self.A, self.total, self.sums, self.anch, self.counts,
-                [[r, d, [list(e) for e in b]] for (r, d), b in self.buckets.items()],
-                [list(e) for e in self.top],
-                [[i, [list(e) for e in p]] for i, p in self.pending.items()]]
+                [[r, d, b] for (r, d), b in self.buckets.items()], self.top, list(self.pending.items())]
 
     @classmethod
     def from_list(cls, x: list) -> "Agg":
