@@ -282,7 +282,11 @@ class LeadState:
 
     @classmethod
     def from_bytes(cls, b: Union[bytes, str]) -> "LeadState":
-        d = orjson.loads(b)
+        return cls.from_dict(orjson.loads(b))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LeadState":
+        """The state from the decoded JSON of ``to_bytes`` (e.g. embedded in a join answer, already decoded)."""
         if d.get("f") != _STATE_FORMAT:
             raise ValueError(f"unsupported lead-state format {d.get('f')!r}")
         s = cls(d["k"], d["a"])

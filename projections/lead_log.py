@@ -72,7 +72,7 @@ def apply(st: Optional[LeadLogState], key: str, rec: dict[str, Any],
             return st, out  # an answer nobody waits for (already resolved, or redelivered)
         st.pending = None
         _remember(st, p[0])
-        anon = core.LeadState.from_bytes(orjson.dumps(rec["state"])) if rec.get("state") else None
+        anon = core.LeadState.from_dict(rec["state"]) if rec.get("state") else None
         held = p[2]
         _, derived = core.fold(st.lead, held[0], book, merge_from=anon)
         out.extend(derived)
