@@ -198,9 +198,12 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
 
     progress: dict[Any, int] = {}  # last offset handed to an agent, per input partition
     stall_after = float(os.environ.get("LEADLEDGER_STALL_SECONDS", "60"))
+    watch_every = max(1.0, stall_after / 6)
+    probe_timeout = min(5.0, watch_every)  # a probe of the broker that takes longer counts as no progress
     watched = {t.touchpoints, by_anon_name, t.by_lead}
     stalled_since: dict[Any, tuple[int, float]] = {}  # partitions with a backlog: (offset at, since when)
     unfetched_since: dict[Any, tuple[int, float]] = {}  # the same for fetch positions of never-handed partitions
+    quiet: dict[str, Any] = {}  # while the watchdog skips: why, since when, recovery progress, last log
 
     def stuck_for(since: dict[Any, tuple[int, float]], tp: Any, at: int | None, backlog: bool, now: float) -> float:
         """How long `tp` has stayed at offset `at` with a backlog (0 when it moved or has none)."""
@@ -213,33 +216,84 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
             return 0.0
         return now - first[1]
 
-    @app.timer(interval=max(1.0, stall_after / 6))
+    def no_answer_for(since: dict[Any, tuple[int, float]], tp: Any, now: float) -> float:
+        """A probe that did not answer: no progress, the clock of `tp` keeps running."""
+        return now - since.setdefault(tp, (-2, now))[1]
+
+    def skipping(why: str, progress_mark: Any, now: float) -> None:
+        """The watchdog cannot judge partitions now (a rebalance, a table recovery). That is a stall too when it
+        lasts: log why it is quiet once per stall window, and stop once it lasted twice the window (a recovery
+        that still reads its changelogs restarts the clock)."""
+        if quiet.get("why") != why:
+            quiet.clear()
+            quiet.update(why=why, since=now, mark=progress_mark, logged=now)
+            return
+        if quiet["mark"] != progress_mark:  # the recovery read more of its changelogs: not stuck
+            quiet.update(since=now, mark=progress_mark)
+            return
+        lasted = now - quiet["since"]
+        if lasted >= 2 * stall_after:
+            _stop_hard(f"{why} for {lasted:.0f}s (more than twice LEADLEDGER_STALL_SECONDS={stall_after:g}) "
+                       f"[{_fetch_state(app, watched)}]")
+        if now - quiet["logged"] >= stall_after:
+            quiet["logged"] = now
+            log.warning("stall watchdog quiet: %s for %.0fs; stops the worker at %.0fs", why, lasted,
+                        2 * stall_after)
+
+    @app.timer(interval=watch_every)
     async def stall_watchdog() -> None:
         """An assigned partition whose backlog stops being fetched (a faust fetch-set bug seen after a restart with
         tables to recover) stops the worker loudly, so its supervisor restarts it: nothing is lost, input is
         re-read from the committed offsets and deduplicated by event id. Nothing here touches faust's state.
         A partition this process has not been handed one record of (e.g. taken over from a dead worker) is watched
-        by its fetch position instead."""
+        by its fetch position instead.
+
+        The watchdog itself cannot hang: the fetch position is read without waiting (the consumer's own
+        `position()` waits until the partition has a valid one, and runs on the consumer thread's two-worker
+        method queue, which getmany needs too); the broker's end offsets are asked with a timeout, and a probe that
+        does not answer counts as no progress. While a rebalance or a table recovery is under way it skips the
+        partitions, and stops the worker when that lasts more than twice the stall window."""
         consumer = app.consumer
-        if app.rebalancing or not app.tables.recovery.completed.is_set():
+        now = asyncio.get_running_loop().time()
+        recovery = app.tables.recovery
+        if not recovery.completed.is_set():
             stalled_since.clear()
             unfetched_since.clear()
+            skipping("table recovery has not completed", sum(recovery.active_offsets.values()), now)
             return
-        now = asyncio.get_running_loop().time()
-        for tp in consumer.assignment():
-            if tp.topic not in watched:
-                continue
+        if app.rebalancing:
+            stalled_since.clear()
+            unfetched_since.clear()
+            skipping("rebalancing has stayed set", None, now)
+            return
+        quiet.clear()
+        assigned = [tp for tp in consumer.assignment() if tp.topic in watched]
+        never = [tp for tp in assigned if tp not in progress]
+        ends: dict[Any, int] | None = {}
+        if never:
+            try:
+                ends = dict(await asyncio.wait_for(consumer.highwaters(*never), timeout=probe_timeout))
+            except asyncio.TimeoutError:
+                ends = None
+                log.warning("stall watchdog: the end offsets of %d partition(s) did not come within %.0fs",
+                            len(never), probe_timeout)
+        for tp in assigned:
             if tp in progress:
                 at, hw, what, since = progress[tp], consumer.highwater(tp), "has not advanced", stalled_since
                 backlog = hw is not None and hw - 1 > at
+                stuck = stuck_for(since, tp, at, backlog, now)
             else:
-                at = await consumer.position(tp)
-                hw, what, since = (await consumer.highwaters(tp)).get(tp), "was never fetched", unfetched_since
-                backlog = hw is not None and at is not None and at < hw
-            stuck = stuck_for(since, tp, at, backlog, now)
+                at, what, since = _fetch_position(consumer, tp), "was never fetched", unfetched_since
+                if ends is None:
+                    hw, stuck = None, no_answer_for(since, tp, now)
+                else:
+                    hw = ends.get(tp)
+                    # no valid fetch position with records on the broker is no progress either
+                    backlog = hw is not None and (at is None and hw > 0 or at is not None and at < hw)
+                    stuck = stuck_for(since, tp, -1 if at is None else at, backlog, now)
             if stuck >= stall_after:
                 _stop_hard(f"partition {tp.topic}/{tp.partition} {what} for {stuck:.0f}s with a backlog "
-                           f"(at {at}, highwater {hw})")
+                           f"(at {at}, highwater {hw}) [{_fetch_state(app, watched)}]")
 
     folded: dict[Any, set[int]] = {}  # input offsets whose batch is complete (derived sent, state stored)
 
@@ -433,6 +487,78 @@ async def _crash_worker_on_error() -> AsyncIterator[None]:
     except Exception:
         log.exception("agent crashed; stopping the worker")
         _exit_now(1)
+
+
+def _fetch_position(consumer: Any, tp: Any) -> int | None:
+    """The consumer's next fetch offset for `tp`, or None while it has no valid one — read from aiokafka's
+    subscription state without waiting (faust-streaming 0.15 / aiokafka 0.14 internals; None if they moved)."""
+    try:
+        state = consumer._thread._consumer._subscription.subscription.assignment.state_value(tp)
+        return state.position if state is not None and state.has_valid_position else None
+    except Exception:
+        return None
+
+
+def _fetch_state(app: Any, topics: set[str]) -> str:
+    """One line of the consumer's fetch state for a stop message: what to look at when input stops moving
+    (faust's flow and partition sets, the fetcher service, the consumer thread's method queue, aiokafka's
+    fetch task, in-flight nodes, buffered records and per-partition positions). Never raises."""
+    out: list[str] = []
+
+    def add(name: str, get: Any) -> None:
+        try:
+            out.append(f"{name}={get()}")
+        except Exception as exc:  # internals differ: say so and go on
+            out.append(f"{name}=<{type(exc).__name__}>")
+
+    def tps(xs: Any) -> str:
+        return ",".join(sorted(f"{tp.topic[:14]}/{tp.partition}" for tp in xs if tp.topic in topics)) or "-"
+
+    def stack(task: Any) -> str:
+        if task is None:
+            return "None"
+        if task.done():
+            exc = None if task.cancelled() else task.exception()
+            return f"done(cancelled={task.cancelled()}, exc={exc!r})"
+        frames = task.get_stack(limit=8)
+        return "pending@" + ">".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in frames)
+
+    c = app.consumer
+    fetcher = app._fetcher
+    add("rebalancing", lambda: app.rebalancing)
+    add("recovery_completed", lambda: app.tables.recovery.completed.is_set())
+    add("in_recovery", lambda: app.tables.recovery.in_recovery)
+    add("flow_control_active", lambda: app.flow_control.is_active())
+    add("flow_active", lambda: c.flow_active)
+    add("suspend_flow", lambda: c.suspend_flow.is_set())
+    add("active", lambda: tps(c._active_partitions))
+    add("paused", lambda: tps(c._paused_partitions))
+    add("buffered", lambda: tps(c._buffered_partitions))
+    add("fetcher_service", lambda: f"{fetcher.state}/started={fetcher._started.is_set()}/"
+                                   f"stopped={fetcher._stopped.is_set()}/crashed={fetcher._crashed.is_set()}")
+    add("fetcher_tasks", lambda: [stack(f) for f in fetcher._futures])
+    add("thread_queue", lambda: c._thread.method_queue._queue.qsize())
+    add("main_queue", lambda: c._method_queue._queue.qsize())
+    ak = lambda: c._thread._consumer  # noqa: E731
+    add("fetch_task", lambda: stack(ak()._fetcher._fetch_task))
+    add("in_flight", lambda: sorted(ak()._fetcher._in_flight))
+    add("pending_tasks", lambda: [stack(t) for t in ak()._fetcher._pending_tasks])
+    add("records", lambda: tps(ak()._fetcher._records))
+    add("fetch_waiters", lambda: len(ak()._fetcher._fetch_waiters))
+
+    def positions() -> str:
+        assignment = ak()._subscription.subscription.assignment
+        parts = []
+        for tp in sorted(assignment.tps):
+            if tp.topic not in topics:
+                continue
+            st = assignment.state_value(tp)
+            pos = st.position if st.has_valid_position else "invalid"
+            parts.append(f"{tp.topic[:14]}/{tp.partition}:{pos}/hw{st.highwater}{'/P' if st.paused else ''}")
+        return " ".join(parts)
+
+    add("positions", positions)
+    return "; ".join(out)
 
 
 def _stop_hard(reason: str) -> None:
