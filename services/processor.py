@@ -79,8 +79,47 @@ class _FetchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class _FetchConsumer(faust_aiokafka.Consumer):
+    """faust's consumer with the fetch wait above, and input partitions resumed only once they can deliver safely.
+
+    faust-streaming 0.15.3 ends a table recovery (`Recovery.on_recovery_completed`, also `_resume_streams`) with:
+    resume the input partitions, seek them to the committed offsets (a broker round trip per partition, 0.1-0.5 s),
+    then `flow_control.resume()`, which empties every stream's queue, then `resume_flow()`. Its fetcher runs all
+    along (started when the recovery began), so in the seek window it hands input records to the stream queues and
+    moves its read offsets past them; the queue clear then drops them, never acked and never read again. faust
+    then either commits past them (its gap and head-of-queue checks let a hole through: the commit guard stops the
+    worker) or never commits that partition again (no commit, no error, the fetch position at the end: the input
+    is silently lost until a restart — the "stall" seen after restarts and takeovers). With a 20 ms fetch wait the
+    fetcher has fresh records for the input partitions in that window almost every time (with 1.5 s it usually
+    sat in a long fetch of quiet changelog partitions), which is why the crash test failed more often with it.
+
+    So input (non-changelog) partitions resumed here are held back and made active in `resume_flow()`, which faust
+    calls right after that queue clear (and after the seek); changelog partitions resume at once (recovery reads
+    them). Pausing a held partition drops it from the held set, as do a rebalance's pause of all partitions."""
+
+    _held_back: set[TP] | None = None
+
     def _new_consumer_thread(self) -> _FetchConsumerThread:
         return _FetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def resume_partitions(self, tps: Any) -> None:
+        tps = {TP(tp.topic, tp.partition) for tp in tps}
+        held = {tp for tp in tps if not self._is_changelog_tp(tp)}
+        if held:
+            self._held_back = (self._held_back or set()) | held  # they stay paused until then
+        super().resume_partitions(tps - held)
+
+    def pause_partitions(self, tps: Any) -> None:
+        tps = {TP(tp.topic, tp.partition) for tp in tps}
+        if self._held_back:
+            self._held_back -= tps
+        super().pause_partitions(tps)
+
+    def resume_flow(self) -> None:
+        super().resume_flow()
+        held, self._held_back = self._held_back, None
+        if held:
+            assigned = self.assignment()
+            super().resume_partitions({tp for tp in held if tp in assigned})
 
 
 class QuietWorker(faust.Worker):
@@ -196,29 +235,25 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         for partition, offset in last.items():  # a persistent store resumes recovery after these
             table.data.set_persisted_offset(TP(changelog, partition), offset)
 
-    progress: dict[Any, int] = {}  # last offset handed to an agent, per input partition
+    done_upto: dict[Any, int] = {}  # per input partition: 1 + the highest offset whose batch completed here
     stall_after = float(os.environ.get("LEADLEDGER_STALL_SECONDS", "60"))
     watch_every = max(1.0, stall_after / 6)
     probe_timeout = min(5.0, watch_every)  # a probe of the broker that takes longer counts as no progress
     watched = {t.touchpoints, by_anon_name, t.by_lead}
     stalled_since: dict[Any, tuple[int, float]] = {}  # partitions with a backlog: (offset at, since when)
-    unfetched_since: dict[Any, tuple[int, float]] = {}  # the same for fetch positions of never-handed partitions
     quiet: dict[str, Any] = {}  # while the watchdog skips: why, since when, recovery progress, last log
+    generation = [None]  # the consumer generation the watchdog's records belong to
 
-    def stuck_for(since: dict[Any, tuple[int, float]], tp: Any, at: int | None, backlog: bool, now: float) -> float:
+    def stuck_for(tp: Any, at: int, backlog: bool, now: float) -> float:
         """How long `tp` has stayed at offset `at` with a backlog (0 when it moved or has none)."""
-        if at is None or not backlog:
-            since.pop(tp, None)
+        if not backlog:
+            stalled_since.pop(tp, None)
             return 0.0
-        first = since.setdefault(tp, (at, now))
+        first = stalled_since.setdefault(tp, (at, now))
         if first[0] != at:
-            since[tp] = (at, now)
+            stalled_since[tp] = (at, now)
             return 0.0
         return now - first[1]
-
-    def no_answer_for(since: dict[Any, tuple[int, float]], tp: Any, now: float) -> float:
-        """A probe that did not answer: no progress, the clock of `tp` keeps running."""
-        return now - since.setdefault(tp, (-2, now))[1]
 
     def skipping(why: str, progress_mark: Any, now: float) -> None:
         """The watchdog cannot judge partitions now (a rebalance, a table recovery). That is a stall too when it
@@ -242,72 +277,89 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
 
     @app.timer(interval=watch_every)
     async def stall_watchdog() -> None:
-        """An assigned partition whose backlog stops being fetched (a faust fetch-set bug seen after a restart with
-        tables to recover) stops the worker loudly, so its supervisor restarts it: nothing is lost, input is
-        re-read from the committed offsets and deduplicated by event id. Nothing here touches faust's state.
-        A partition this process has not been handed one record of (e.g. taken over from a dead worker) is watched
-        by its fetch position instead.
+        """Input that is on the broker but does not get done stops the worker loudly, so its supervisor restarts
+        it: nothing is lost, input is re-read from the committed offsets and deduplicated by event id. Nothing here
+        touches faust's state.
 
-        The watchdog itself cannot hang: the fetch position is read without waiting (the consumer's own
-        `position()` waits until the partition has a valid one, and runs on the consumer thread's two-worker
-        method queue, which getmany needs too); the broker's end offsets are asked with a timeout, and a probe that
-        does not answer counts as no progress. While a rebalance or a table recovery is under way it skips the
-        partitions, and stops the worker when that lasts more than twice the stall window."""
+        Progress is measured where it matters, not at the fetcher: per assigned input partition, the committed
+        offset (faust commits every LEADLEDGER_COMMIT_INTERVAL what was acked, and the commit guard refuses any
+        commit past a record whose batch did not complete here; before a partition's first commit, the offset past
+        the batches completed here). A partition whose broker end offset is beyond it and whose commit does not move
+        for LEADLEDGER_STALL_SECONDS (and whose gap the log confirms holds records, not only transaction markers)
+        is stalled — whether the fetch stopped, an agent hangs, or faust read records and dropped them without
+        acking them: its fetch position is then at the end and its commits stop below the hole. The previous check
+        compared fetch positions with the end and stayed silent for minutes in that case.
+
+        The watchdog itself cannot hang: each broker probe has a timeout, and a probe that does not answer counts as
+        no progress. While a rebalance or a table recovery is under way it skips the partitions, and stops the worker
+        when that lasts more than twice the stall window."""
         consumer = app.consumer
         now = asyncio.get_running_loop().time()
         recovery = app.tables.recovery
         if not recovery.completed.is_set():
             stalled_since.clear()
-            unfetched_since.clear()
             skipping("table recovery has not completed", sum(recovery.active_offsets.values()), now)
             return
         if app.rebalancing:
             stalled_since.clear()
-            unfetched_since.clear()
             skipping("rebalancing has stayed set", None, now)
             return
         quiet.clear()
+        if generation[0] != app.consumer_generation_id:  # a new assignment: start over from faust's commits
+            generation[0] = app.consumer_generation_id
+            stalled_since.clear()
+            done_upto.clear()
         assigned = [tp for tp in consumer.assignment() if tp.topic in watched]
-        never = [tp for tp in assigned if tp not in progress]
-        ends: dict[Any, int] | None = {}
-        if never:
-            try:
-                ends = dict(await asyncio.wait_for(consumer.highwaters(*never), timeout=probe_timeout))
-            except asyncio.TimeoutError:
-                ends = None
-                log.warning("stall watchdog: the end offsets of %d partition(s) did not come within %.0fs",
-                            len(never), probe_timeout)
+        if not assigned:
+            return
+        try:
+            ends: dict[Any, int] | None = dict(await asyncio.wait_for(consumer.highwaters(*assigned),
+                                                                       timeout=probe_timeout))
+        except asyncio.TimeoutError:
+            ends = None
+            log.warning("stall watchdog: the end offsets of %d partition(s) did not come within %.0fs",
+                        len(assigned), probe_timeout)
+        committed = getattr(consumer, "_committed_offset", {})
         for tp in assigned:
-            if tp in progress:
-                at, hw, what, since = progress[tp], consumer.highwater(tp), "has not advanced", stalled_since
-                backlog = hw is not None and hw - 1 > at
-                stuck = stuck_for(since, tp, at, backlog, now)
+            at = committed.get(tp)
+            if at is None:  # nothing committed yet for it (a new group): what completed here
+                at = done_upto.get(tp, 0)
+            if ends is None:  # no answer: no progress
+                stuck = now - stalled_since.setdefault(tp, (at, now))[1]
+                hw = None
             else:
-                at, what, since = _fetch_position(consumer, tp), "was never fetched", unfetched_since
-                if ends is None:
-                    hw, stuck = None, no_answer_for(since, tp, now)
-                else:
-                    hw = ends.get(tp)
-                    # no valid fetch position with records on the broker is no progress either
-                    backlog = hw is not None and (at is None and hw > 0 or at is not None and at < hw)
-                    stuck = stuck_for(since, tp, -1 if at is None else at, backlog, now)
-            if stuck >= stall_after:
-                _stop_hard(f"partition {tp.topic}/{tp.partition} {what} for {stuck:.0f}s with a backlog "
-                           f"(at {at}, highwater {hw}) [{_fetch_state(app, watched)}]")
+                hw = ends.get(tp)
+                stuck = stuck_for(tp, at, hw is not None and hw > at, now)
+            if stuck < stall_after:
+                continue
+            if hw is not None:  # only transaction markers (or compacted-away records) between: no backlog
+                try:
+                    present = await asyncio.wait_for(
+                        kafka_io.record_offsets(cfg.bootstrap, tp.topic, tp.partition, at, hw,
+                                                timeout_s=probe_timeout), timeout=2 * probe_timeout)
+                except asyncio.TimeoutError:
+                    present = None
+                if present is not None and not present:
+                    stalled_since[tp] = (at, now)
+                    continue
+            _stop_hard(f"partition {tp.topic}/{tp.partition}: input up to {hw} on the broker, not committed past "
+                       f"offset {at} for {stuck:.0f}s (fetch position {_fetch_position(consumer, tp)}) "
+                       f"[{_fetch_state(app, watched)}]")
 
     folded: dict[Any, set[int]] = {}  # input offsets whose batch is complete (derived sent, state stored)
 
     def handed_over(batch: list[faust.EventT]) -> None:
-        """Note the offsets handed to an agent (the stall watchdog reads them); guard faust's commits once."""
+        """Guard faust's commits, once the consumer exists."""
         if not getattr(app.consumer, "_leadledger_guarded", False):
             _guard_commits(app.consumer)
-        for ev in batch:
-            progress[ev.message.tp] = ev.message.offset
 
     def batch_done(batch: list[faust.EventT]) -> None:
         """The batch's effects are durable: its offsets may be committed (faust acks them after this)."""
         for ev in batch:
-            folded.setdefault(ev.message.tp, set()).add(ev.message.offset)
+            tp, offset = ev.message.tp, ev.message.offset
+            folded.setdefault(tp, set()).add(offset)
+            if offset >= done_upto.get(tp, 0):
+                done_upto[tp] = offset + 1
 
     def _guard_commits(consumer: Any) -> None:
         """Refuse any commit that would move past an input record we did not fold.
@@ -512,7 +564,10 @@ def _fetch_state(app: Any, topics: set[str]) -> str:
             out.append(f"{name}=<{type(exc).__name__}>")
 
     def tps(xs: Any) -> str:
-        return ",".join(sorted(f"{tp.topic[:14]}/{tp.partition}" for tp in xs if tp.topic in topics)) or "-"
+        return ",".join(sorted(f"{short(tp.topic)}/{tp.partition}" for tp in xs if tp.topic in topics)) or "-"
+
+    def short(topic: str) -> str:  # the input topics' names differ in their middle part: keep the role
+        return "-".join(w for w in topic.split("-") if w in ("touchpoints", "by", "lead", "anon")) or topic[:14]
 
     def stack(task: Any) -> str:
         if task is None:
@@ -554,7 +609,7 @@ def _fetch_state(app: Any, topics: set[str]) -> str:
                 continue
             st = assignment.state_value(tp)
             pos = st.position if st.has_valid_position else "invalid"
-            parts.append(f"{tp.topic[:14]}/{tp.partition}:{pos}/hw{st.highwater}{'/P' if st.paused else ''}")
+            parts.append(f"{short(tp.topic)}/{tp.partition}:{pos}/hw{st.highwater}{'/P' if st.paused else ''}")
         return " ".join(parts)
 
     add("positions", positions)
