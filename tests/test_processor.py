@@ -177,3 +177,17 @@ async def test_input_partitions_wait_for_the_flow_to_resume() -> None:
     assert consumer._paused_partitions == {TP("touchpoints", 1)}
     consumer.resume_flow()  # nothing held back any more: no change
     assert consumer._active_partitions == {changelog, TP("touchpoints", 0)}
+
+
+def test_an_empty_active_set_is_not_every_partition() -> None:
+    """aiokafka's `fetched_records` returns every buffered partition for an empty set; the processor's consumer hands
+    it a live view of faust's active partitions that stays "none" when empty."""
+    from faust.types import TP
+
+    from services.processor import _NeverAll
+
+    live: set[TP] = {TP("touchpoints", 0)}
+    view = _NeverAll(live)
+    assert view and TP("touchpoints", 0) in view
+    live.clear()  # faust empties its set while a fetch waits
+    assert view and TP("touchpoints", 0) not in view
