@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator
 
 import faust
 import orjson
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from events.upcast import upcast
@@ -57,6 +58,100 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def default_rules_paths() -> list[str]:
     return [os.path.join(ROOT, "deploy", "rules", "default.yaml")]
+
+
+FETCH_MAX_WAIT_MS = int(os.environ.get("LEADLEDGER_FETCH_MAX_WAIT_MS", "20"))
+
+
+class _FetchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """faust's aiokafka consumer with `fetch_max_wait_ms` from LEADLEDGER_FETCH_MAX_WAIT_MS (faust hard-codes 1500).
+
+    aiokafka keeps one fetch in flight per broker, and a fetch leaves out the partitions that still have fetched
+    records to hand over. So when the partitions in flight are quiet (join requests, a quiet input) the broker holds
+    that fetch for the whole wait, and the busy partitions, once drained, cannot be fetched again until it returns:
+    the agents sat idle with thousands of records waiting on the broker, and the hand-off latency at 1,000 events/s
+    settled at 3-7 s (1.5 s per stall, several stalls per hand-off). The wait bounds each such stall."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by the fetcher the consumer creates on start
+        return consumer
+
+    async def _fetch_records(self, consumer: Any, active_partitions: Any, timeout: float | None = None,
+                             max_records: int | None = None) -> Any:
+        """faust hands aiokafka its live set of active partitions, and aiokafka's `fetched_records` reads an empty
+        set as "every partition". A getmany that started while the set held partitions and waits (up to 1 s) for
+        records sees it emptied when faust pauses the changelogs at the end of a recovery; records fetched then
+        for the input partitions (after their seek to the committed offsets) came back as if asked for, faust skipped
+        them as not active, and aiokafka's fetch position had moved past them: lost, never acked, never committed
+        (seen once in six crash-test runs with the input partitions held back until `resume_flow`). Here an empty
+        set stays empty."""
+        if active_partitions is not None:
+            active_partitions = _NeverAll(active_partitions)
+        return await super()._fetch_records(consumer, active_partitions, timeout=timeout, max_records=max_records)
+
+
+class _NeverAll:
+    """A live view of faust's active-partition set that aiokafka cannot read as "all partitions" when it is empty
+    (`fetched_records` only tests its truth and membership)."""
+
+    __slots__ = ("_tps",)
+
+    def __init__(self, tps: Any) -> None:
+        self._tps = tps
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, tp: Any) -> bool:
+        return tp in self._tps
+
+    def __iter__(self) -> Any:
+        return iter(set(self._tps))
+
+
+class _FetchConsumer(faust_aiokafka.Consumer):
+    """faust's consumer with the fetch wait above, and input partitions resumed only once they can deliver safely.
+
+    faust-streaming 0.15.3 ends a table recovery (`Recovery.on_recovery_completed`, also `_resume_streams`) with:
+    resume the input partitions, seek them to the committed offsets (a broker round trip per partition, 0.1-0.5 s),
+    then `flow_control.resume()`, which empties every stream's queue, then `resume_flow()`. Its fetcher runs all
+    along (started when the recovery began), so in the seek window it hands input records to the stream queues and
+    moves its read offsets past them; the queue clear then drops them, never acked and never read again. faust
+    then either commits past them (its gap and head-of-queue checks let a hole through: the commit guard stops the
+    worker) or never commits that partition again (no commit, no error, the fetch position at the end: the input
+    is silently lost until a restart — the "stall" seen after restarts and takeovers). With a 20 ms fetch wait the
+    fetcher has fresh records for the input partitions in that window almost every time (with 1.5 s it usually
+    sat in a long fetch of quiet changelog partitions), which is why the crash test failed more often with it.
+
+    So input (non-changelog) partitions resumed here are held back and made active in `resume_flow()`, which faust
+    calls right after that queue clear (and after the seek); changelog partitions resume at once (recovery reads
+    them). Pausing a held partition drops it from the held set, as do a rebalance's pause of all partitions."""
+
+    _held_back: set[TP] | None = None
+
+    def _new_consumer_thread(self) -> _FetchConsumerThread:
+        return _FetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def resume_partitions(self, tps: Any) -> None:
+        tps = {TP(tp.topic, tp.partition) for tp in tps}
+        held = {tp for tp in tps if not self._is_changelog_tp(tp)}
+        if held:
+            self._held_back = (self._held_back or set()) | held  # they stay paused until then
+        super().resume_partitions(tps - held)
+
+    def pause_partitions(self, tps: Any) -> None:
+        tps = {TP(tp.topic, tp.partition) for tp in tps}
+        if self._held_back:
+            self._held_back -= tps
+        super().pause_partitions(tps)
+
+    def resume_flow(self) -> None:
+        super().resume_flow()
+        held, self._held_back = self._held_back, None
+        if held:
+            assigned = self.assignment()
+            super().resume_partitions({tp for tp in held if tp in assigned})
 
 
 class QuietWorker(faust.Worker):
@@ -105,6 +200,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         stream_wait_empty=False,
         Worker=QuietWorker,
     )
+    app.transport.Consumer = _FetchConsumer  # type: ignore[misc]  # before the consumer exists (created lazily)
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -171,64 +267,131 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         for partition, offset in last.items():  # a persistent store resumes recovery after these
             table.data.set_persisted_offset(TP(changelog, partition), offset)
 
-    progress: dict[Any, int] = {}  # last offset handed to an agent, per input partition
+    done_upto: dict[Any, int] = {}  # per input partition: 1 + the highest offset whose batch completed here
     stall_after = float(os.environ.get("LEADLEDGER_STALL_SECONDS", "60"))
+    watch_every = max(1.0, stall_after / 6)
+    probe_timeout = min(5.0, watch_every)  # a probe of the broker that takes longer counts as no progress
     watched = {t.touchpoints, by_anon_name, t.by_lead}
     stalled_since: dict[Any, tuple[int, float]] = {}  # partitions with a backlog: (offset at, since when)
-    unfetched_since: dict[Any, tuple[int, float]] = {}  # the same for fetch positions of never-handed partitions
+    quiet: dict[str, Any] = {}  # while the watchdog skips: why, since when, recovery progress, last log
+    generation = [None]  # the consumer generation the watchdog's records belong to
 
-    def stuck_for(since: dict[Any, tuple[int, float]], tp: Any, at: int | None, backlog: bool, now: float) -> float:
+    def stuck_for(tp: Any, at: int, backlog: bool, now: float) -> float:
         """How long `tp` has stayed at offset `at` with a backlog (0 when it moved or has none)."""
-        if at is None or not backlog:
-            since.pop(tp, None)
+        if not backlog:
+            stalled_since.pop(tp, None)
             return 0.0
-        first = since.setdefault(tp, (at, now))
+        first = stalled_since.setdefault(tp, (at, now))
         if first[0] != at:
-            since[tp] = (at, now)
+            stalled_since[tp] = (at, now)
             return 0.0
         return now - first[1]
 
-    @app.timer(interval=max(1.0, stall_after / 6))
-    async def stall_watchdog() -> None:
-        """An assigned partition whose backlog stops being fetched (a faust fetch-set bug seen after a restart with
-        tables to recover) stops the worker loudly, so its supervisor restarts it: nothing is lost, input is
-        re-read from the committed offsets and deduplicated by event id. Nothing here touches faust's state.
-        A partition this process has not been handed one record of (e.g. taken over from a dead worker) is watched
-        by its fetch position instead."""
-        consumer = app.consumer
-        if app.rebalancing or not app.tables.recovery.completed.is_set():
-            stalled_since.clear()
-            unfetched_since.clear()
+    def skipping(why: str, progress_mark: Any, now: float) -> None:
+        """The watchdog cannot judge partitions now (a rebalance, a table recovery). That is a stall too when it
+        lasts: log why it is quiet once per stall window, and stop once it lasted twice the window (a recovery
+        that still reads its changelogs restarts the clock)."""
+        if quiet.get("why") != why:
+            quiet.clear()
+            quiet.update(why=why, since=now, mark=progress_mark, logged=now)
             return
+        if quiet["mark"] != progress_mark:  # the recovery read more of its changelogs: not stuck
+            quiet.update(since=now, mark=progress_mark)
+            return
+        lasted = now - quiet["since"]
+        if lasted >= 2 * stall_after:
+            _stop_hard(f"{why} for {lasted:.0f}s (more than twice LEADLEDGER_STALL_SECONDS={stall_after:g}) "
+                       f"[{_fetch_state(app, watched)}]")
+        if now - quiet["logged"] >= stall_after:
+            quiet["logged"] = now
+            log.warning("stall watchdog quiet: %s for %.0fs; stops the worker at %.0fs", why, lasted,
+                        2 * stall_after)
+
+    @app.timer(interval=watch_every)
+    async def stall_watchdog() -> None:
+        """Input that is on the broker but does not get done stops the worker loudly, so its supervisor restarts
+        it: nothing is lost, input is re-read from the committed offsets and deduplicated by event id. Nothing here
+        touches faust's state.
+
+        Progress is measured where it matters, not at the fetcher: per assigned input partition, the committed
+        offset (faust commits every LEADLEDGER_COMMIT_INTERVAL what was acked, and the commit guard refuses any
+        commit past a record whose batch did not complete here; before a partition's first commit, the offset past
+        the batches completed here). A partition whose broker end offset is beyond it and whose commit does not move
+        for LEADLEDGER_STALL_SECONDS (and whose gap the log confirms holds records, not only transaction markers)
+        is stalled — whether the fetch stopped, an agent hangs, or faust read records and dropped them without
+        acking them: its fetch position is then at the end and its commits stop below the hole. The previous check
+        compared fetch positions with the end and stayed silent for minutes in that case.
+
+        The watchdog itself cannot hang: each broker probe has a timeout, and a probe that does not answer counts as
+        no progress. While a rebalance or a table recovery is under way it skips the partitions, and stops the worker
+        when that lasts more than twice the stall window."""
+        consumer = app.consumer
         now = asyncio.get_running_loop().time()
-        for tp in consumer.assignment():
-            if tp.topic not in watched:
-                continue
-            if tp in progress:
-                at, hw, what, since = progress[tp], consumer.highwater(tp), "has not advanced", stalled_since
-                backlog = hw is not None and hw - 1 > at
+        recovery = app.tables.recovery
+        if not recovery.completed.is_set():
+            stalled_since.clear()
+            skipping("table recovery has not completed", sum(recovery.active_offsets.values()), now)
+            return
+        if app.rebalancing:
+            stalled_since.clear()
+            skipping("rebalancing has stayed set", None, now)
+            return
+        quiet.clear()
+        if generation[0] != app.consumer_generation_id:  # a new assignment: start over from faust's commits
+            generation[0] = app.consumer_generation_id
+            stalled_since.clear()
+            done_upto.clear()
+        assigned = [tp for tp in consumer.assignment() if tp.topic in watched]
+        if not assigned:
+            return
+        try:
+            ends: dict[Any, int] | None = dict(await asyncio.wait_for(consumer.highwaters(*assigned),
+                                                                       timeout=probe_timeout))
+        except asyncio.TimeoutError:
+            ends = None
+            log.warning("stall watchdog: the end offsets of %d partition(s) did not come within %.0fs",
+                        len(assigned), probe_timeout)
+        committed = getattr(consumer, "_committed_offset", {})
+        for tp in assigned:
+            at = committed.get(tp)
+            if at is None:  # nothing committed yet for it (a new group): what completed here
+                at = done_upto.get(tp, 0)
+            if ends is None:  # no answer: no progress
+                stuck = now - stalled_since.setdefault(tp, (at, now))[1]
+                hw = None
             else:
-                at = await consumer.position(tp)
-                hw, what, since = (await consumer.highwaters(tp)).get(tp), "was never fetched", unfetched_since
-                backlog = hw is not None and at is not None and at < hw
-            stuck = stuck_for(since, tp, at, backlog, now)
-            if stuck >= stall_after:
-                _stop_hard(f"partition {tp.topic}/{tp.partition} {what} for {stuck:.0f}s with a backlog "
-                           f"(at {at}, highwater {hw})")
+                hw = ends.get(tp)
+                stuck = stuck_for(tp, at, hw is not None and hw > at, now)
+            if stuck < stall_after:
+                continue
+            if hw is not None:  # only transaction markers (or compacted-away records) between: no backlog
+                try:
+                    present = await asyncio.wait_for(
+                        kafka_io.record_offsets(cfg.bootstrap, tp.topic, tp.partition, at, hw,
+                                                timeout_s=probe_timeout), timeout=2 * probe_timeout)
+                except asyncio.TimeoutError:
+                    present = None
+                if present is not None and not present:
+                    stalled_since[tp] = (at, now)
+                    continue
+            _stop_hard(f"partition {tp.topic}/{tp.partition}: input up to {hw} on the broker, not committed past "
+                       f"offset {at} for {stuck:.0f}s (fetch position {_fetch_position(consumer, tp)}) "
+                       f"[{_fetch_state(app, watched)}]")
 
     folded: dict[Any, set[int]] = {}  # input offsets whose batch is complete (derived sent, state stored)
 
     def handed_over(batch: list[faust.EventT]) -> None:
-        """Note the offsets handed to an agent (the stall watchdog reads them); guard faust's commits once."""
+        """Guard faust's commits, once the consumer exists."""
         if not getattr(app.consumer, "_leadledger_guarded", False):
             _guard_commits(app.consumer)
-        for ev in batch:
-            progress[ev.message.tp] = ev.message.offset
 
     def batch_done(batch: list[faust.EventT]) -> None:
         """The batch's effects are durable: its offsets may be committed (faust acks them after this)."""
         for ev in batch:
-            folded.setdefault(ev.message.tp, set()).add(ev.message.offset)
+            tp, offset = ev.message.tp, ev.message.offset
+            folded.setdefault(tp, set()).add(offset)
+            if offset >= done_upto.get(tp, 0):
+                done_upto[tp] = offset + 1
 
     def _guard_commits(consumer: Any) -> None:
         """Refuse any commit that would move past an input record we did not fold.
@@ -408,6 +571,81 @@ async def _crash_worker_on_error() -> AsyncIterator[None]:
     except Exception:
         log.exception("agent crashed; stopping the worker")
         _exit_now(1)
+
+
+def _fetch_position(consumer: Any, tp: Any) -> int | None:
+    """The consumer's next fetch offset for `tp`, or None while it has no valid one — read from aiokafka's
+    subscription state without waiting (faust-streaming 0.15 / aiokafka 0.14 internals; None if they moved)."""
+    try:
+        state = consumer._thread._consumer._subscription.subscription.assignment.state_value(tp)
+        return state.position if state is not None and state.has_valid_position else None
+    except Exception:
+        return None
+
+
+def _fetch_state(app: Any, topics: set[str]) -> str:
+    """One line of the consumer's fetch state for a stop message: what to look at when input stops moving
+    (faust's flow and partition sets, the fetcher service, the consumer thread's method queue, aiokafka's
+    fetch task, in-flight nodes, buffered records and per-partition positions). Never raises."""
+    out: list[str] = []
+
+    def add(name: str, get: Any) -> None:
+        try:
+            out.append(f"{name}={get()}")
+        except Exception as exc:  # internals differ: say so and go on
+            out.append(f"{name}=<{type(exc).__name__}>")
+
+    def tps(xs: Any) -> str:
+        return ",".join(sorted(f"{short(tp.topic)}/{tp.partition}" for tp in xs if tp.topic in topics)) or "-"
+
+    def short(topic: str) -> str:  # the input topics' names differ in their middle part: keep the role
+        return "-".join(w for w in topic.split("-") if w in ("touchpoints", "by", "lead", "anon")) or topic[:14]
+
+    def stack(task: Any) -> str:
+        if task is None:
+            return "None"
+        if task.done():
+            exc = None if task.cancelled() else task.exception()
+            return f"done(cancelled={task.cancelled()}, exc={exc!r})"
+        frames = task.get_stack(limit=8)
+        return "pending@" + ">".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in frames)
+
+    c = app.consumer
+    fetcher = app._fetcher
+    add("rebalancing", lambda: app.rebalancing)
+    add("recovery_completed", lambda: app.tables.recovery.completed.is_set())
+    add("in_recovery", lambda: app.tables.recovery.in_recovery)
+    add("flow_control_active", lambda: app.flow_control.is_active())
+    add("flow_active", lambda: c.flow_active)
+    add("suspend_flow", lambda: c.suspend_flow.is_set())
+    add("active", lambda: tps(c._active_partitions))
+    add("paused", lambda: tps(c._paused_partitions))
+    add("buffered", lambda: tps(c._buffered_partitions))
+    add("fetcher_service", lambda: f"{fetcher.state}/started={fetcher._started.is_set()}/"
+                                   f"stopped={fetcher._stopped.is_set()}/crashed={fetcher._crashed.is_set()}")
+    add("fetcher_tasks", lambda: [stack(f) for f in fetcher._futures])
+    add("thread_queue", lambda: c._thread.method_queue._queue.qsize())
+    add("main_queue", lambda: c._method_queue._queue.qsize())
+    ak = lambda: c._thread._consumer  # noqa: E731
+    add("fetch_task", lambda: stack(ak()._fetcher._fetch_task))
+    add("in_flight", lambda: sorted(ak()._fetcher._in_flight))
+    add("pending_tasks", lambda: [stack(t) for t in ak()._fetcher._pending_tasks])
+    add("records", lambda: tps(ak()._fetcher._records))
+    add("fetch_waiters", lambda: len(ak()._fetcher._fetch_waiters))
+
+    def positions() -> str:
+        assignment = ak()._subscription.subscription.assignment
+        parts = []
+        for tp in sorted(assignment.tps):
+            if tp.topic not in topics:
+                continue
+            st = assignment.state_value(tp)
+            pos = st.position if st.has_valid_position else "invalid"
+            parts.append(f"{short(tp.topic)}/{tp.partition}:{pos}/hw{st.highwater}{'/P' if st.paused else ''}")
+        return " ".join(parts)
+
+    add("positions", positions)
+    return "; ".join(out)
 
 
 def _stop_hard(reason: str) -> None:

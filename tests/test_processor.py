@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,42 @@ async def test_poison_records_are_dead_lettered_and_change_nothing(kafka_bootstr
         worker.check_alive()
     finally:
         worker.stop()
+
+
+async def test_input_partitions_wait_for_the_flow_to_resume() -> None:
+    """faust resumes the input partitions before it seeks them and then empties the stream queues: records fetched
+    in between would be dropped unacked. The processor's consumer keeps input partitions back until `resume_flow`
+    (after that clear); changelog partitions resume at once. No broker needed: the consumer is never started."""
+    from faust.types import TP
+
+    from services.processor import create_app
+
+    app = create_app(app_id=f"proc-unit-{uuid.uuid4().hex[:8]}")
+    consumer = app.consumer
+    changelog = TP(app.tables["leads"].changelog_topic.get_topic_name(), 0)
+    inputs = {TP("touchpoints", 0), TP("touchpoints", 1)}
+    consumer._thread.assignment = lambda: inputs | {changelog}  # as assigned; the real thread is not started
+    consumer.pause_partitions(inputs | {changelog})
+    consumer.resume_partitions(inputs | {changelog})
+    assert consumer._active_partitions == {changelog}
+    assert inputs <= consumer._paused_partitions
+    consumer.pause_partitions({TP("touchpoints", 1)})  # a pause while held back wins
+    consumer.resume_flow()
+    assert consumer._active_partitions == {changelog, TP("touchpoints", 0)}
+    assert consumer._paused_partitions == {TP("touchpoints", 1)}
+    consumer.resume_flow()  # nothing held back any more: no change
+    assert consumer._active_partitions == {changelog, TP("touchpoints", 0)}
+
+
+def test_an_empty_active_set_is_not_every_partition() -> None:
+    """aiokafka's `fetched_records` returns every buffered partition for an empty set; the processor's consumer hands
+    it a live view of faust's active partitions that stays "none" when empty."""
+    from faust.types import TP
+
+    from services.processor import _NeverAll
+
+    live: set[TP] = {TP("touchpoints", 0)}
+    view = _NeverAll(live)
+    assert view and TP("touchpoints", 0) in view
+    live.clear()  # faust empties its set while a fetch waits
+    assert view and TP("touchpoints", 0) not in view
