@@ -126,7 +126,7 @@ class _FetchConsumer(faust_aiokafka.Consumer):
 
     So input (non-changelog) partitions resumed here are held back and made active in `resume_flow()`, which faust
     calls right after that queue clear (and after the seek); changelog partitions resume at once (recovery reads
-    them). Pausing a held partition drops it from the held set, as do a rebalance's pause of all partitions."""
+    them). Pausing a held partition drops it from the held set, as does a rebalance's pause of all partitions."""
 
     _held_back: set[TP] | None = None
 
