@@ -827,7 +827,8 @@ def merge(lead: LeadState, anon: LeadState, book: RuleBook) -> LeadState:
         a = lead.aggs.get(v)
         rs = book.by_version.get(v)
         if a is None:
-            lead.aggs[v] = Agg.from_list(orjson.loads(orjson.dumps(b.to_list())))
+            # a copy (from_list builds new containers from to_list's; the values are immutable), no JSON round trip
+            lead.aggs[v] = Agg.from_list(b.to_list())
         elif rs is not None:
             _merge_agg(a, b, rs)
         # a version unknown to the book keeps the lead's aggregates (it cannot be evaluated anyway)
