@@ -1032,6 +1032,7 @@ class Ledger:
             if st is None:
                 st = anons[key] = LeadState(key, True)
             _fold_events(st, evs, book, None, True, None, on_error, tqa.get(key) if tqa else None)
+            evs.clear()  # freed now, while they are in the CPU caches (at the end of flush they no longer are)
         for key, evs in ql.items():
             st = leads.get(key)
             if st is None:
@@ -1047,6 +1048,7 @@ class Ledger:
                     if anon is not None:
                         merges[i] = anon
             _fold_events(st, evs, book, None, True, merges, on_error, tql.get(key) if tql else None)
+            evs.clear()
 
     @property
     def deferred(self) -> int:
