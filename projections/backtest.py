@@ -81,6 +81,7 @@ def _fold_file(book: RuleBook, src: IO[bytes], events_path: str, out: IO[str], e
     decode = _decoder()
     add = ledger.add
     lines = 0
+    deferred = 0   # events added since the last flush (= ledger.deferred, without a property call per line)
     # (line number, reason) of invalid lines; the first _MAX_REPORTED by line number are reported at the end (a
     # fold failure is only known when its subject's events are folded, after later lines were read)
     problems: list[tuple[int, str]] = []
@@ -110,9 +111,11 @@ def _fold_file(book: RuleBook, src: IO[bytes], events_path: str, out: IO[str], e
             reason = f"invalid JSON or envelope: {e}"
         if reason is None:
             try:
-                add(ev, lineno)
-                if ledger.deferred >= CHUNK:
-                    ledger.flush(fold_failed)
+                if add(ev, lineno):
+                    deferred += 1
+                    if deferred >= CHUNK:
+                        ledger.flush(fold_failed)
+                        deferred = 0
                 continue
             except (ValueError, TypeError, KeyError, AttributeError) as e:
                 reason = f"cannot fold: {type(e).__name__}: {e}"

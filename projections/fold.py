@@ -79,7 +79,7 @@ from __future__ import annotations
 import bisect
 import math
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import orjson
 
@@ -379,12 +379,15 @@ def _fold(state: LeadState, event: dict, book: RuleBook, merge_from: Optional[Le
 
 def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: Optional[list],
                  new_id: bool = False, merges: Optional[dict[int, LeadState]] = None,
-                 on_error: Optional[Any] = None, tags: Optional[dict[int, Any]] = None) -> None:
+                 on_error: Optional[Any] = None, tags: Optional[dict[str, Any]] = None,
+                 on_handoff: Optional[Callable[[LeadState, str], None]] = None) -> None:
     """The fold of ``events`` (one subject's, in arrival order) into an existing ``state``; derived events are
     appended to ``out`` unless None. ``new_id``: the caller knows the event ids are new to this subject (the Ledger's
     global dedupe): skip the check. ``merges``: {index in ``events``: the anonymous state that event joins (merged
-    first)}. ``on_error(tags.get(index), exc)``: called for an event whose fold raised ValueError, TypeError,
+    first)}. ``on_error(tags.get(event id), exc)``: called for an event whose fold raised ValueError, TypeError,
     KeyError or AttributeError, the fold goes on with the next event; without it the exception propagates.
+    ``on_handoff(state, event id)``: called when an event moved the subject to ``mql`` (hand-off ``state.handoffs``
+    at ``state.t``), right after that event's fold.
 
     One function on purpose (the hot path of the backtest and the processor): engagement bookkeeping and the
     evaluation are inlined; the rare steps (stage moves, intents, joins, explanations, MQL) are helpers. A run of
@@ -607,23 +610,24 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                 continue
             if rs_now is None or fit < rs_now.min_fit or eng < rs_now.min_engagement:
                 continue
-            _mql(state, rs_now, eid, fit, eng, out)
+            if _mql(state, rs_now, eid, fit, eng, out) and on_handoff is not None:
+                on_handoff(state, eid)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             if on_error is None:
                 raise
-            on_error(tags.get(i) if tags is not None else None, e)
+            on_error(tags.get(event["event_id"]) if tags else None, e)
 
 
 def _mql(state: LeadState, rs_now: CompiledRuleSet, eid: str, fit: Union[int, float], eng: float,
-         out: Optional[list]) -> None:
+         out: Optional[list]) -> bool:
     """The rest of the MQL check (fit and engagement thresholds met): required attributes, qualification; then the
-    move to ``mql`` and the hand-off."""
+    move to ``mql`` and the hand-off. True when the lead was handed off."""
     vals = state.vals
     for a in rs_now.required_attributes:
         if a not in vals:
-            return
+            return False
     if rs_now.require_qualification and not state.qualified:
-        return
+        return False
     _transition(state, "mql", rs_now, eid, "mql criteria met", None, out, state.t)
     state.handoffs += 1
     if out is not None:
@@ -637,6 +641,7 @@ def _mql(state: LeadState, rs_now: CompiledRuleSet, eid: str, fit: Union[int, fl
         d["top_touchpoints"] = top_touchpoints(state, rs_now)
         d["attributes"] = dict(state.vals)
         out.append(d)
+    return True
 
 
 def _occ_of(x: tuple) -> float:
@@ -911,7 +916,7 @@ class Ledger:
     """
 
     __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit", "_keys", "_qa", "_ql", "_joins",
-                 "_tqa", "_tql", "_nq")
+                 "_tags", "_nq")
 
     def __init__(self, book: RuleBook, emit: bool = False):
         self.book = book
@@ -923,12 +928,12 @@ class Ledger:
         self.emit = emit
         self._keys: dict[str, str] = {}     # envelope email -> normalised lead key (cache of normalise_email)
         # deferred folds (add/flush): subject -> its events in arrival order (plain lists: no tuple per event);
-        # the rare joins and the tags (if any) by subject and index in that list
+        # the rare joins by subject and index in that list; the tags (if any) by event id (unique among the
+        # deferred events: deduped), one dict for all subjects
         self._qa: dict[str, list[dict]] = {}             # anonymous subject -> events
         self._ql: dict[str, list[dict]] = {}             # lead -> events
         self._joins: dict[str, dict[int, str]] = {}      # lead -> {index: anonymous id joined by that event}
-        self._tqa: dict[str, dict[int, Any]] = {}        # anonymous subject -> {index: tag}, tags other than None
-        self._tql: dict[str, dict[int, Any]] = {}        # lead -> {index: tag}, tags other than None
+        self._tags: dict[str, Any] = {}                  # event id -> tag, tags other than None
         self._nq = 0
 
     def route(self, ev: dict) -> Optional[tuple[str, bool, Optional[str]]]:
@@ -1010,11 +1015,7 @@ class Ledger:
                 j = self._joins[key] = {}
             j[len(q)] = join
         if tag is not None:
-            tags = self._tqa if anonymous else self._tql
-            tg = tags.get(key)
-            if tg is None:
-                tg = tags[key] = {}
-            tg[len(q)] = tag
+            self._tags[ev["event_id"]] = tag
         q.append(ev)
         self._nq += 1
         return True
@@ -1023,15 +1024,15 @@ class Ledger:
         """Fold the deferred events, subject by subject (see the class doc). ``on_error(tag, exc)``: called for an
         event whose fold raised ValueError, TypeError, KeyError or AttributeError (the fold goes on with the next
         event, as a caller of ``apply`` that catches them would); without it the exception propagates."""
-        qa, ql, joins, tqa, tql = self._qa, self._ql, self._joins, self._tqa, self._tql
-        self._qa, self._ql, self._joins, self._tqa, self._tql, self._nq = {}, {}, {}, {}, {}, 0
+        qa, ql, joins, tags = self._qa, self._ql, self._joins, self._tags
+        self._qa, self._ql, self._joins, self._tags, self._nq = {}, {}, {}, {}, 0
         book = self.book
         anons, leads = self.anons, self.leads
         for key, evs in qa.items():
             st = anons.get(key)
             if st is None:
                 st = anons[key] = LeadState(key, True)
-            _fold_events(st, evs, book, None, True, None, on_error, tqa.get(key) if tqa else None)
+            _fold_events(st, evs, book, None, True, None, on_error, tags)
             evs.clear()  # freed now, while they are in the CPU caches (at the end of flush they no longer are)
         for key, evs in ql.items():
             st = leads.get(key)
@@ -1047,7 +1048,7 @@ class Ledger:
                     anon = anons.pop(aid, None)
                     if anon is not None:
                         merges[i] = anon
-            _fold_events(st, evs, book, None, True, merges, on_error, tql.get(key) if tql else None)
+            _fold_events(st, evs, book, None, True, merges, on_error, tags)
             evs.clear()
 
     @property
