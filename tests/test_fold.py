@@ -914,3 +914,24 @@ def test_backtest_matches_naive_on_generated_history(tmp_path: Any, capsys: pyte
     assert {"anonymous", "known"} <= stages and sum(r["handoffs"] for r in rows) > 0
     for r in rows:
         assert set(r) >= {"lead", "email", "stage", "fit", "engagement", "handoffs", "rejected", "rules_version"}
+
+
+def test_fold_events_reports_each_handoff_with_its_cause_and_time() -> None:
+    """_fold_events(on_handoff=...) (the back-test's fold of a run of records, no derived events) reports the same
+    hand-offs as the derived events of the one-at-a-time fold: episode, cause and evaluation time; state identical."""
+    from projections.fold import _fold_events, iso_from_epoch
+
+    L = Log()
+    evs = [L.ev("form_submitted", ts(0), email="ann@x.com", fields=dict(FULL)),
+           L.ev("meeting_booked", ts(0, 1), email="ann@x.com"),
+           L.ev("stage_changed", ts(0, 2), email="ann@x.com", to="recycled"),
+           L.ev("meeting_booked", ts(31, 0), email="ann@x.com"),
+           L.ev("meeting_booked", ts(31, 1), email="ann@x.com")]
+    led, out = run(evs)
+    want = [(d["episode"], d["cause_event_id"], d["at"]) for d in out if d["type"] == "lead_handed_off"]
+    st = LeadState("ann@x.com")
+    got: list[tuple] = []
+    _fold_events(st, evs, BOOK_A, None, False,
+                 on_handoff=lambda s, cause: got.append((s.handoffs, cause, iso_from_epoch(s.t))))
+    assert got == want and len(want) == 2
+    assert st.to_bytes() == led.leads["ann@x.com"].to_bytes()
