@@ -79,7 +79,7 @@ from __future__ import annotations
 import bisect
 import math
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import orjson
 
@@ -377,230 +377,262 @@ _SPECIAL = frozenset({"form_submitted", "attribute_updated", "call_logged", "sta
 
 def _fold(state: LeadState, event: dict, book: RuleBook, merge_from: Optional[LeadState],
           out: Optional[list], new_id: bool = False) -> None:
-    """The fold of one event into an existing ``state``; derived events are appended to ``out`` unless None.
-    ``new_id``: the caller knows the event id is new to this subject (the Ledger's global dedupe): skip the check.
+    """The fold of one event into an existing ``state`` (``_fold_events`` of one event, see there)."""
+    _fold_events(state, (event,), book, out, new_id, {0: merge_from} if merge_from is not None else None)
+
+
+def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: Optional[list],
+                 new_id: bool = False, merges: Optional[dict[int, LeadState]] = None,
+                 on_error: Optional[Any] = None, tags: Optional[dict[str, Any]] = None,
+                 on_handoff: Optional[Callable[[LeadState, str], None]] = None) -> None:
+    """The fold of ``events`` (one subject's, in arrival order) into an existing ``state``; derived events are
+    appended to ``out`` unless None. ``new_id``: the caller knows the event ids are new to this subject (the Ledger's
+    global dedupe): skip the check. ``merges``: {index in ``events``: the anonymous state that event joins (merged
+    first)}. ``on_error(tags.get(event id), exc)``: called for an event whose fold raised ValueError, TypeError,
+    KeyError or AttributeError, the fold goes on with the next event; without it the exception propagates.
+    ``on_handoff(state, event id)``: called when an event moved the subject to ``mql`` (hand-off ``state.handoffs``
+    at ``state.t``), right after that event's fold.
 
     One function on purpose (the hot path of the backtest and the processor): engagement bookkeeping and the
-    evaluation are inlined; the rare steps (stage moves, intents, joins, explanations) are helpers.
+    evaluation are inlined; the rare steps (stage moves, intents, joins, explanations, MQL) are helpers. A run of
+    one subject's events is folded in one call (the backtest's Ledger.flush): no call, no setup per event.
     """
-    eid = event["event_id"]
-    seen = state.seen
-    if not new_id and (eid in seen or eid in state.seen_old):
-        return
-    if merge_from is not None:
-        merge(state, merge_from, book)
-        seen = state.seen
-    if len(seen) >= DEDUPE_WINDOW:
-        state.seen_old = seen
-        state.seen = seen = {}
-    seen[eid] = None
-    state.seq += 1
-    etype = event["type"]
-    occ_s = event["occurred_at"]
-    occ = _fromiso(occ_s).timestamp()
-    t = state.t
-    if t is None or occ > t:
-        state.t = t = occ
-        state.t_str = occ_s
     single = book.single
-    if single is not None:
-        rs_now = single if t >= single.eff else None
-    else:
-        rs_now = book.in_force(t)
-    anonymous = state.anonymous
-    if not anonymous and state.stage == "anonymous":
-        _transition(state, "known", rs_now, eid, "identified", None, out, occ)
-    email = event.get("email")
-    if email and email != state._er:
-        state._er = email
-        state.email = normalise_email(email)
-    payload = event.get("payload")
-    if payload is None:
-        payload = _NO_PAYLOAD
-    if etype in _SPECIAL:
-        if etype == "form_submitted" or etype == "attribute_updated":
-            ra = event.get("received_at") or occ_s
-            _set_attrs(state, payload.get("fields" if etype == "form_submitted" else "attributes"), ra, eid)
-        elif etype == "call_logged":
-            if _qualified(payload.get("qualification")):
-                state.qualified = True
-        else:
-            _stage_changed(state, event, payload, rs_now, out, occ)
-    aggs = state.aggs
-
-    # the rules this event matches, per rule set of the book (memoised on the compiled rule sets)
-    if single is not None:
-        plan = single.plan.get(etype)
-        if plan is None:
-            work = ()
-        else:
-            mode = plan[0]
-            if mode == 0:
-                work = plan[2]
-            elif mode == 1:  # CompiledRuleSet.match's memo, read inline (the hot path)
-                v = payload.get(plan[1])
-                work = plan[2].get(v) if v is None or type(v) is str else None
-                if work is None:
-                    work = single.match(plan, event, payload)
+    anonymous = state.anonymous        # never changes (a join merges an anonymous state into a lead state)
+    aggs = state.aggs                  # mutated in place, never replaced (merge included)
+    i = -1
+    for event in events:
+        i += 1
+        try:
+            eid = event["event_id"]
+            seen = state.seen
+            if not new_id and (eid in seen or eid in state.seen_old):
+                continue
+            if merges is not None:
+                merge_from = merges.get(i)
+                if merge_from is not None:
+                    merge(state, merge_from, book)
+                    seen = state.seen
+            if len(seen) >= DEDUPE_WINDOW:
+                state.seen_old = seen
+                state.seen = seen = {}
+            seen[eid] = None
+            state.seq += 1
+            etype = event["type"]
+            occ_s = event["occurred_at"]
+            occ = _fromiso(occ_s).timestamp()
+            t = state.t
+            if t is None or occ > t:
+                state.t = t = occ
+                state.t_str = occ_s
+            if single is not None:
+                rs_now = single if t >= single.eff else None
             else:
-                work = single.match(plan, event, payload)
-    else:
-        work = []
-        for rs in book.sets:
-            plan = rs.plan.get(etype)
-            if plan is not None:
-                work += rs.match(plan, event, payload)
+                rs_now = book.in_force(t)
+            if not anonymous and state.stage == "anonymous":
+                _transition(state, "known", rs_now, eid, "identified", None, out, occ)
+            email = event.get("email")
+            if email and email != state._er:
+                state._er = email
+                state.email = normalise_email(email)
+            payload = event.get("payload")
+            if payload is None:
+                payload = _NO_PAYLOAD
+            if etype in _SPECIAL:
+                if etype == "form_submitted" or etype == "attribute_updated":
+                    ra = event.get("received_at") or occ_s
+                    _set_attrs(state, payload.get("fields" if etype == "form_submitted" else "attributes"), ra, eid)
+                elif etype == "call_logged":
+                    if _qualified(payload.get("qualification")):
+                        state.qualified = True
+                else:
+                    _stage_changed(state, event, payload, rs_now, out, occ)
 
-    for rs, entries, firsts, thens in work:
-        # intent alerts: a `then` event pairs with earlier-arrived `first` events (rule set in force at t)
-        if thens is not None and rs is rs_now and not anonymous:
-            ag = aggs.get(rs.version)
-            if ag is not None and ag.pending:
-                _fire_intents(state, event, rs, thens, occ, out, book)
-    # engagement and intent `first` events, for every rule set of the book
-    day = None           # UTC day of occurred_at (and received_at), computed for the first capped rule
-    ra = None
-    for rs, entries, firsts, thens in work:
-        if entries is None and firsts is None:
-            continue
-        agg = aggs.get(rs.version)
-        if agg is None:
-            agg = aggs[rs.version] = Agg(rs.n_eng)
-        if entries is not None:
-            w = -1.0
-            h_s = rs.h_s
-            for ri, pts, cap, nlp in entries:
-                displaced = None
-                if cap is not None:
-                    if cap == 0:
-                        continue
-                    if day is None:
-                        day = int(occ // 86400.0)
-                        ra = event.get("received_at") or occ_s
-                    bk = (ri, day)
-                    b = agg.buckets.get(bk)
-                    if b is None:
-                        agg.buckets[bk] = [(ra, eid, occ)]
-                    elif len(b) >= cap:
-                        # The first N by (received_at, event_id) count: within one partition that is arrival
-                        # order; an anonymous history reaching its lead late (another partition) merges by
-                        # received_at as §4 says, whatever the processing order was.
-                        displaced = max(b)
-                        if (ra, eid) >= (displaced[0], displaced[1]):
-                            continue
-                        b.remove(displaced)
-                        b.append((ra, eid, occ))
+            # the rules this event matches, per rule set of the book (memoised on the compiled rule sets)
+            if single is not None:
+                plan = single.plan.get(etype)
+                if plan is None:
+                    work = ()
+                else:
+                    mode = plan[0]
+                    if mode == 0:
+                        work = plan[2]
+                    elif mode == 1:  # CompiledRuleSet.match's memo, read inline (the hot path)
+                        v = payload.get(plan[1])
+                        work = plan[2].get(v) if v is None or type(v) is str else None
+                        if work is None:
+                            work = single.match(plan, event, payload)
                     else:
-                        b.append((ra, eid, occ))
-                if w < 0.0:
-                    A = agg.A
-                    f = None     # 0.5^((t − A)/h): the decay since the total's anchor, shared with rules anchored at A
-                    if A != t:
-                        if A is not None and agg.total != 0.0:
-                            f = 2.0 ** ((A - t) / h_s)
-                            agg.total *= f
-                        agg.A = t
-                    w = 1.0 if occ == t else 2.0 ** ((occ - t) / h_s)
-                    sums = agg.sums
-                    anch = agg.anch
-                    counts = agg.counts
-                c = pts * w
-                s = sums[ri]
-                if anch[ri] != t:
-                    if s != 0.0:
-                        s *= f if f is not None and anch[ri] == A else 2.0 ** ((anch[ri] - t) / h_s)
-                    else:
-                        s = 0.0
-                    anch[ri] = t
-                sums[ri] = s + c
-                counts[ri] += 1
-                agg.total += c
-                if displaced is not None:
-                    d = pts * (1.0 if displaced[2] == t else 2.0 ** ((displaced[2] - t) / h_s))
-                    sums[ri] -= d
-                    counts[ri] -= 1
-                    agg.total -= d
-                    agg.top = [x for x in agg.top if x[1] != displaced[1] or x[2] != ri]
-                if nlp is not None:
-                    top = agg.top
-                    k = nlp - occ / h_s
-                    if len(top) < TOP_K:
-                        _insort(top, (k, eid, ri, occ))
-                    elif k <= top[-1][0]:
-                        _insort(top, (k, eid, ri, occ))
-                        if len(top) > TOP_K:
-                            top.pop()
-        if firsts is not None:
-            pending = agg.pending
-            for a in firsts:
-                p = pending.get(a[0])
-                if p is None:
-                    p = pending[a[0]] = []
-                _insort(p, (occ, eid))
-                if len(p) > MAX_PENDING:
-                    del p[0]
+                        work = single.match(plan, event, payload)
+            else:
+                work = []
+                for rs in book.sets:
+                    plan = rs.plan.get(etype)
+                    if plan is not None:
+                        work += rs.match(plan, event, payload)
 
-    # evaluation at t under the rule set in force: scores, known<->lead, MQL + hand-off, lead_scored
-    if rs_now is None:
-        fit: Union[int, float] = 0
-        eng = 0.0
-    else:
-        fit = state._fit_v if state._fit_rs is rs_now else _fit(state, rs_now)[2]
-        agg = aggs.get(rs_now.version)
-        if agg is None or agg.A is None:
-            eng = 0.0
-        elif agg.A == t:
-            eng = agg.total
-        else:  # valued at the last contribution's t; decayed here without storing (no compounding)
-            eng = agg.total * 2.0 ** ((agg.A - t) / rs_now.h_s)
-    fit_before = state.fit
-    eng_before = state.eng
-    state.fit = fit
-    state.eng = eng
-    state.version = rs_now.version if rs_now is not None else None
-    if anonymous:
-        return
-    if out is not None and (fit != fit_before or eng != eng_before):
-        d = _base(state, "lead_scored", rs_now, eid)
-        d["event_id"] = f"{state.key}:scored:{state.seq}"
-        d["fit"] = fit
-        d["engagement"] = eng
-        d["score"] = fit + eng
-        d["fit_before"] = fit_before
-        d["engagement_before"] = eng_before
-        d["explanation"] = explain(state, rs_now)
-        out.append(d)
-    stage = state.stage
-    if stage == "known" or stage == "lead":
-        lead_attrs = rs_now.lead_attributes if rs_now is not None else DEFAULT_LEAD_ATTRIBUTES
-        c = state._cmp
-        if c is not None and c[0] == state.rev and c[1] is lead_attrs:
-            complete = c[2]
-        else:
-            vals = state.vals
-            complete = True
-            for a in lead_attrs:
-                if a not in vals:
-                    complete = False
-                    break
-            state._cmp = (state.rev, lead_attrs, complete)
-        if complete:
-            if stage == "known":
-                _transition(state, "lead", rs_now, eid, "attributes complete", None, out, t)
-        elif stage == "lead":
-            _transition(state, "known", rs_now, eid, "attributes incomplete", None, out, t)
-    elif stage != "recycled" or rs_now is None or state.recycled_at is None \
-            or t - state.recycled_at < rs_now.cooldown_s:
-        return
-    if rs_now is None or fit < rs_now.min_fit or eng < rs_now.min_engagement:
-        return
+            for rs, entries, firsts, thens in work:
+                # intent alerts: a `then` event pairs with earlier-arrived `first` events (rule set in force at t)
+                if thens is not None and rs is rs_now and not anonymous:
+                    ag = aggs.get(rs.version)
+                    if ag is not None and ag.pending:
+                        _fire_intents(state, event, rs, thens, occ, out, book)
+            # engagement and intent `first` events, for every rule set of the book
+            day = None           # UTC day of occurred_at (and received_at), computed for the first capped rule
+            ra = None
+            for rs, entries, firsts, thens in work:
+                if entries is None and firsts is None:
+                    continue
+                agg = aggs.get(rs.version)
+                if agg is None:
+                    agg = aggs[rs.version] = Agg(rs.n_eng)
+                if entries is not None:
+                    w = -1.0
+                    h_s = rs.h_s
+                    for ri, pts, cap, nlp in entries:
+                        displaced = None
+                        if cap is not None:
+                            if cap == 0:
+                                continue
+                            if day is None:
+                                day = int(occ // 86400.0)
+                                ra = event.get("received_at") or occ_s
+                            bk = (ri, day)
+                            b = agg.buckets.get(bk)
+                            if b is None:
+                                agg.buckets[bk] = [(ra, eid, occ)]
+                            elif len(b) >= cap:
+                                # The first N by (received_at, event_id) count: within one partition that is arrival
+                                # order; an anonymous history reaching its lead late (another partition) merges by
+                                # received_at as §4 says, whatever the processing order was.
+                                displaced = max(b)
+                                if (ra, eid) >= (displaced[0], displaced[1]):
+                                    continue
+                                b.remove(displaced)
+                                b.append((ra, eid, occ))
+                            else:
+                                b.append((ra, eid, occ))
+                        if w < 0.0:
+                            A = agg.A
+                            f = None     # 0.5^((t − A)/h): the decay since the total's anchor, shared with rules anchored at A
+                            if A != t:
+                                if A is not None and agg.total != 0.0:
+                                    f = 2.0 ** ((A - t) / h_s)
+                                    agg.total *= f
+                                agg.A = t
+                            w = 1.0 if occ == t else 2.0 ** ((occ - t) / h_s)
+                            sums = agg.sums
+                            anch = agg.anch
+                            counts = agg.counts
+                        c = pts * w
+                        s = sums[ri]
+                        if anch[ri] != t:
+                            if s != 0.0:
+                                s *= f if f is not None and anch[ri] == A else 2.0 ** ((anch[ri] - t) / h_s)
+                            else:
+                                s = 0.0
+                            anch[ri] = t
+                        sums[ri] = s + c
+                        counts[ri] += 1
+                        agg.total += c
+                        if displaced is not None:
+                            d = pts * (1.0 if displaced[2] == t else 2.0 ** ((displaced[2] - t) / h_s))
+                            sums[ri] -= d
+                            counts[ri] -= 1
+                            agg.total -= d
+                            agg.top = [x for x in agg.top if x[1] != displaced[1] or x[2] != ri]
+                        if nlp is not None:
+                            top = agg.top
+                            k = nlp - occ / h_s
+                            if len(top) < TOP_K:
+                                _insort(top, (k, eid, ri, occ))
+                            elif k <= top[-1][0]:
+                                _insort(top, (k, eid, ri, occ))
+                                if len(top) > TOP_K:
+                                    top.pop()
+                if firsts is not None:
+                    pending = agg.pending
+                    for a in firsts:
+                        p = pending.get(a[0])
+                        if p is None:
+                            p = pending[a[0]] = []
+                        _insort(p, (occ, eid))
+                        if len(p) > MAX_PENDING:
+                            del p[0]
+
+            # evaluation at t under the rule set in force: scores, known<->lead, MQL + hand-off, lead_scored
+            if rs_now is None:
+                fit: Union[int, float] = 0
+                eng = 0.0
+            else:
+                fit = state._fit_v if state._fit_rs is rs_now else _fit(state, rs_now)[2]
+                agg = aggs.get(rs_now.version)
+                if agg is None or agg.A is None:
+                    eng = 0.0
+                elif agg.A == t:
+                    eng = agg.total
+                else:  # valued at the last contribution's t; decayed here without storing (no compounding)
+                    eng = agg.total * 2.0 ** ((agg.A - t) / rs_now.h_s)
+            fit_before = state.fit
+            eng_before = state.eng
+            state.fit = fit
+            state.eng = eng
+            state.version = rs_now.version if rs_now is not None else None
+            if anonymous:
+                continue
+            if out is not None and (fit != fit_before or eng != eng_before):
+                d = _base(state, "lead_scored", rs_now, eid)
+                d["event_id"] = f"{state.key}:scored:{state.seq}"
+                d["fit"] = fit
+                d["engagement"] = eng
+                d["score"] = fit + eng
+                d["fit_before"] = fit_before
+                d["engagement_before"] = eng_before
+                d["explanation"] = explain(state, rs_now)
+                out.append(d)
+            stage = state.stage
+            if stage == "known" or stage == "lead":
+                lead_attrs = rs_now.lead_attributes if rs_now is not None else DEFAULT_LEAD_ATTRIBUTES
+                c = state._cmp
+                if c is not None and c[0] == state.rev and c[1] is lead_attrs:
+                    complete = c[2]
+                else:
+                    vals = state.vals
+                    complete = True
+                    for a in lead_attrs:
+                        if a not in vals:
+                            complete = False
+                            break
+                    state._cmp = (state.rev, lead_attrs, complete)
+                if complete:
+                    if stage == "known":
+                        _transition(state, "lead", rs_now, eid, "attributes complete", None, out, t)
+                elif stage == "lead":
+                    _transition(state, "known", rs_now, eid, "attributes incomplete", None, out, t)
+            elif stage != "recycled" or rs_now is None or state.recycled_at is None \
+                    or t - state.recycled_at < rs_now.cooldown_s:
+                continue
+            if rs_now is None or fit < rs_now.min_fit or eng < rs_now.min_engagement:
+                continue
+            if _mql(state, rs_now, eid, fit, eng, out) and on_handoff is not None:
+                on_handoff(state, eid)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            if on_error is None:
+                raise
+            on_error(tags.get(event["event_id"]) if tags else None, e)
+
+
+def _mql(state: LeadState, rs_now: CompiledRuleSet, eid: str, fit: Union[int, float], eng: float,
+         out: Optional[list]) -> bool:
+    """The rest of the MQL check (fit and engagement thresholds met): required attributes, qualification; then the
+    move to ``mql`` and the hand-off. True when the lead was handed off."""
     vals = state.vals
     for a in rs_now.required_attributes:
         if a not in vals:
-            return
+            return False
     if rs_now.require_qualification and not state.qualified:
-        return
-    _transition(state, "mql", rs_now, eid, "mql criteria met", None, out, t)
+        return False
+    _transition(state, "mql", rs_now, eid, "mql criteria met", None, out, state.t)
     state.handoffs += 1
     if out is not None:
         d = _base(state, "lead_handed_off", rs_now, eid)
@@ -613,6 +645,7 @@ def _fold(state: LeadState, event: dict, book: RuleBook, merge_from: Optional[Le
         d["top_touchpoints"] = top_touchpoints(state, rs_now)
         d["attributes"] = dict(state.vals)
         out.append(d)
+    return True
 
 
 def _occ_of(x: tuple) -> float:
@@ -803,7 +836,8 @@ def merge(lead: LeadState, anon: LeadState, book: RuleBook) -> LeadState:
         a = lead.aggs.get(v)
         rs = book.by_version.get(v)
         if a is None:
-            lead.aggs[v] = Agg.from_list(orjson.loads(orjson.dumps(b.to_list())))
+            # a copy (from_list builds new containers from to_list's; the values are immutable), no JSON round trip
+            lead.aggs[v] = Agg.from_list(b.to_list())
         elif rs is not None:
             _merge_agg(a, b, rs)
         # a version unknown to the book keeps the lead's aggregates (it cannot be evaluated anyway)
@@ -885,7 +919,8 @@ class Ledger:
     working set fits the caches; docs/audit.md).
     """
 
-    __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit", "_keys", "_qa", "_ql", "_nq")
+    __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit", "_keys", "_qa", "_ql", "_joins",
+                 "_tags", "_nq")
 
     def __init__(self, book: RuleBook, emit: bool = False):
         self.book = book
@@ -896,8 +931,13 @@ class Ledger:
         self.duplicates = 0
         self.emit = emit
         self._keys: dict[str, str] = {}     # envelope email -> normalised lead key (cache of normalise_email)
-        self._qa: dict[str, list] = {}      # deferred folds (add/flush): anonymous subject -> [(event, tag)]
-        self._ql: dict[str, list] = {}      # lead -> [(event, anonymous id joined or None, tag)]
+        # deferred folds (add/flush): subject -> its events in arrival order (plain lists: no tuple per event);
+        # the rare joins by subject and index in that list; the tags (if any) by event id (unique among the
+        # deferred events: deduped), one dict for all subjects
+        self._qa: dict[str, list[dict]] = {}             # anonymous subject -> events
+        self._ql: dict[str, list[dict]] = {}             # lead -> events
+        self._joins: dict[str, dict[int, str]] = {}      # lead -> {index: anonymous id joined by that event}
+        self._tags: dict[str, Any] = {}                  # event id -> tag, tags other than None
         self._nq = 0
 
     def route(self, ev: dict) -> Optional[tuple[str, bool, Optional[str]]]:
@@ -952,12 +992,13 @@ class Ledger:
             st = self.anons.get(key)
             if st is None:
                 st = self.anons[key] = LeadState(key, True)
-            _fold(st, ev, self.book, None, out, True)
+            _fold_events(st, (ev,), self.book, out, True)
         else:
             st = self.leads.get(key)
             if st is None:
                 st = self.leads[key] = LeadState(key, False)
-            _fold(st, ev, self.book, self.anons.pop(join, None) if join is not None else None, out, True)
+            anon = self.anons.pop(join, None) if join is not None else None
+            _fold_events(st, (ev,), self.book, out, True, {0: anon} if anon is not None else None)
         return out if out is not None else []
 
     def add(self, ev: dict, tag: Any = None) -> bool:
@@ -968,18 +1009,18 @@ class Ledger:
         if r is None:
             return False
         key, anonymous, join = r
-        if anonymous:
-            q = self._qa.get(key)
-            if q is None:
-                self._qa[key] = [(ev, tag)]
-            else:
-                q.append((ev, tag))
-        else:
-            q = self._ql.get(key)
-            if q is None:
-                self._ql[key] = [(ev, join, tag)]
-            else:
-                q.append((ev, join, tag))
+        queues = self._qa if anonymous else self._ql
+        q = queues.get(key)
+        if q is None:
+            q = queues[key] = []
+        if join is not None:
+            j = self._joins.get(key)
+            if j is None:
+                j = self._joins[key] = {}
+            j[len(q)] = join
+        if tag is not None:
+            self._tags[ev["event_id"]] = tag
+        q.append(ev)
         self._nq += 1
         return True
 
@@ -987,32 +1028,32 @@ class Ledger:
         """Fold the deferred events, subject by subject (see the class doc). ``on_error(tag, exc)``: called for an
         event whose fold raised ValueError, TypeError, KeyError or AttributeError (the fold goes on with the next
         event, as a caller of ``apply`` that catches them would); without it the exception propagates."""
-        qa, ql = self._qa, self._ql
-        self._qa, self._ql, self._nq = {}, {}, 0
+        qa, ql, joins, tags = self._qa, self._ql, self._joins, self._tags
+        self._qa, self._ql, self._joins, self._tags, self._nq = {}, {}, {}, {}, 0
         book = self.book
         anons, leads = self.anons, self.leads
         for key, evs in qa.items():
             st = anons.get(key)
             if st is None:
                 st = anons[key] = LeadState(key, True)
-            for ev, tag in evs:
-                try:
-                    _fold(st, ev, book, None, None, True)
-                except (ValueError, TypeError, KeyError, AttributeError) as e:
-                    if on_error is None:
-                        raise
-                    on_error(tag, e)
+            _fold_events(st, evs, book, None, True, None, on_error, tags)
+            evs.clear()  # freed now, while they are in the CPU caches (at the end of flush they no longer are)
         for key, evs in ql.items():
             st = leads.get(key)
             if st is None:
                 st = leads[key] = LeadState(key, False)
-            for ev, join, tag in evs:
-                try:
-                    _fold(st, ev, book, anons.pop(join, None) if join is not None else None, None, True)
-                except (ValueError, TypeError, KeyError, AttributeError) as e:
-                    if on_error is None:
-                        raise
-                    on_error(tag, e)
+            merges = None
+            j = joins.get(key)
+            if j is not None:
+                # the anonymous states joined by this lead's events: taken now, as nothing else can touch them (an
+                # anonymous id joins one lead, once; its later events are routed to that lead)
+                merges = {}
+                for i, aid in j.items():
+                    anon = anons.pop(aid, None)
+                    if anon is not None:
+                        merges[i] = anon
+            _fold_events(st, evs, book, None, True, merges, on_error, tags)
+            evs.clear()
 
     @property
     def deferred(self) -> int:

@@ -62,6 +62,7 @@ _EPOCH0 = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # ``core.fold`` without its wrapper and second dedupe check, for records whose id the caller found new to the lead
 # (``core.fold(state, rec, book, merge_from=m, emit=False)`` == ``_fold_new(state, rec, book, m, None, True)`` then)
 _fold_new = core._fold
+_fold_events = core._fold_events   # the fold of a run of one subject's events (hooks: on_handoff)
 READ_COMMITTED = 1   # FetchRequest isolation level
 CHUNK = 200_000   # lead-keyed records decoded and grouped by lead before they are folded
 
@@ -237,18 +238,19 @@ class LogFold:
         self.mqls: list[tuple[str, int, float, str]] = []   # (lead, episode, evaluation time, cause event id)
         self.short_joins = 0                                # joins whose anonymous events were not all found
 
-    def _folded(self, lead: str, st: core.LeadState, before: int, cause: str) -> None:
-        while before < st.handoffs:
-            before += 1
-            self.mqls.append((lead, before, st.t, cause))
+    def _handed_off(self, st: core.LeadState, cause: str) -> None:
+        """The fold's ``on_handoff``: lead ``st`` was handed off (episode ``st.handoffs``) by event ``cause``."""
+        self.mqls.append((st.key, st.handoffs, st.t, cause))
 
     def _fold(self, lead: str, s: lead_log.LeadLogState, rec: dict, merge_from: Optional[core.LeadState] = None):
         """``core.fold`` of a record whose id is new to the lead (the callers checked the dedupe window)."""
-        st = s.lead
-        before = st.handoffs
-        _fold_new(st, rec, self.book, merge_from, None, True)
-        if st.handoffs != before:
-            self._folded(lead, st, before, rec["event_id"])
+        _fold_events(s.lead, (rec,), self.book, None, True, {0: merge_from} if merge_from is not None else None,
+                     on_handoff=self._handed_off)
+
+    def _fold_run(self, s: lead_log.LeadLogState, recs: list[dict]) -> None:
+        """``core.fold`` of consecutive touchpoints of one lead, none held back or holding the lead back, in one call
+        (the fold skips those already in its dedupe window, as ``_touchpoint`` would)."""
+        _fold_events(s.lead, recs, self.book, None, False, on_handoff=self._handed_off)
 
     def _touchpoint(self, lead: str, s: lead_log.LeadLogState, rec: dict) -> None:
         eid = rec.get("event_id")
@@ -289,33 +291,28 @@ class LogFold:
         self._resolution(lead, s, rec)
 
     def apply_many(self, lead: str, recs: list[dict]) -> None:
-        """``apply`` of consecutive records of one lead (its log order); ``_touchpoint`` inlined (the hot loop)."""
+        """``apply`` of consecutive records of one lead (its log order). The runs of touchpoints that go straight to
+        the fold (the lead waits for no join answer, and the record asks for none) are folded in one call each;
+        any other record (a join answer, a join request, a record held back) takes ``apply``'s path after the run
+        before it was folded."""
         s = self.states.get(lead)
         if s is None:
             s = self.states[lead] = lead_log.LeadLogState(core.LeadState(lead, False))
-        st = s.lead
-        book = self.book
         resolve = lead_log.RESOLVE_TYPE
         subject_of = core.subject_of
-        fold = _fold_new
+        run: list[dict] = []
         for rec in recs:
-            if rec.get("type") == resolve:
-                self._resolution(lead, s, rec)
-                continue
-            eid = rec.get("event_id")
-            if eid in st.seen or eid in st.seen_old:
-                continue  # a repeated event: nothing to fold, nothing to wait for (as lead_log)
-            if s.pending is not None:
-                s.pending[2].append(rec)
-                continue
-            aid = rec.get("anonymous_id")
-            if aid and aid not in s.resolved and subject_of(rec)[0] is not None:
-                s.pending = [aid, rec["event_id"], [rec]]
-                continue
-            before = st.handoffs
-            fold(st, rec, book, None, None, True)
-            if st.handoffs != before:
-                self._folded(lead, st, before, rec["event_id"])
+            if s.pending is None and rec.get("type") != resolve:
+                aid = rec.get("anonymous_id")
+                if not aid or aid in s.resolved or subject_of(rec)[0] is None:
+                    run.append(rec)
+                    continue
+            if run:
+                self._fold_run(s, run)
+                run = []
+            self.apply(lead, rec)
+        if run:
+            self._fold_run(s, run)
 
     def _resolution(self, lead: str, s: lead_log.LeadLogState, rec: dict) -> None:
         p = s.pending

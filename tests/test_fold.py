@@ -830,6 +830,44 @@ def test_grouped_fold_equals_the_one_at_a_time_fold_on_a_generated_history() -> 
         assert [s.to_bytes() for s in b.states()] == [s.to_bytes() for s in a.states()]
 
 
+def test_grouped_fold_reports_failed_events_by_tag_and_goes_on() -> None:
+    """Ledger.flush(on_error): an event whose fold raises is reported with its own tag (anonymous subjects, leads,
+    around a join), the subject's other events are folded: the states of Ledger.apply with the error caught."""
+    log = Log()
+    bad = "not a timestamp"
+    evs = [log.ev("page_viewed", ts(0), anon="c1", url="/pricing"),
+           log.ev("page_viewed", bad, anon="c1", url="/product"),
+           log.ev("content_downloaded", ts(0.1), anon="c1"),
+           log.ev("page_viewed", ts(0.2), email="ann@x.com", url="/a"),
+           log.ev("form_submitted", ts(0.3), email="ann@x.com", anon="c1", fields=FULL),
+           log.ev("page_viewed", bad, email="ann@x.com", url="/b"),
+           log.ev("page_viewed", ts(0.4), anon="c1", url="/product"),
+           log.ev("page_viewed", bad, lead_id="crm-1"),
+           log.ev("meeting_booked", ts(0.5), lead_id="crm-1")]
+    a = Ledger(BOOK_AB)
+    failed_a = []
+    for n, e in enumerate(evs):
+        try:
+            a.apply(e)
+        except ValueError:
+            failed_a.append(n)
+    for chunk in (1, 4, 100):
+        b = Ledger(BOOK_AB)
+        failed_b: list[int] = []
+        for n, e in enumerate(evs):
+            b.add(e, n)
+            if b.deferred >= chunk:
+                b.flush(lambda tag, exc: failed_b.append(tag))
+        b.flush(lambda tag, exc: failed_b.append(tag))
+        assert sorted(failed_b) == failed_a == [1, 5, 7]
+        assert [s.to_bytes() for s in b.states()] == [s.to_bytes() for s in a.states()]
+    c = Ledger(BOOK_AB)
+    for e in evs:
+        c.add(e)
+    with pytest.raises(ValueError):
+        c.flush()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # the offline backtest over a generated history
 
@@ -876,3 +914,24 @@ def test_backtest_matches_naive_on_generated_history(tmp_path: Any, capsys: pyte
     assert {"anonymous", "known"} <= stages and sum(r["handoffs"] for r in rows) > 0
     for r in rows:
         assert set(r) >= {"lead", "email", "stage", "fit", "engagement", "handoffs", "rejected", "rules_version"}
+
+
+def test_fold_events_reports_each_handoff_with_its_cause_and_time() -> None:
+    """_fold_events(on_handoff=...) (the back-test's fold of a run of records, no derived events) reports the same
+    hand-offs as the derived events of the one-at-a-time fold: episode, cause and evaluation time; state identical."""
+    from projections.fold import _fold_events, iso_from_epoch
+
+    L = Log()
+    evs = [L.ev("form_submitted", ts(0), email="ann@x.com", fields=dict(FULL)),
+           L.ev("meeting_booked", ts(0, 1), email="ann@x.com"),
+           L.ev("stage_changed", ts(0, 2), email="ann@x.com", to="recycled"),
+           L.ev("meeting_booked", ts(31, 0), email="ann@x.com"),
+           L.ev("meeting_booked", ts(31, 1), email="ann@x.com")]
+    led, out = run(evs)
+    want = [(d["episode"], d["cause_event_id"], d["at"]) for d in out if d["type"] == "lead_handed_off"]
+    st = LeadState("ann@x.com")
+    got: list[tuple] = []
+    _fold_events(st, evs, BOOK_A, None, False,
+                 on_handoff=lambda s, cause: got.append((s.handoffs, cause, iso_from_epoch(s.t))))
+    assert got == want and len(want) == 2
+    assert st.to_bytes() == led.leads["ann@x.com"].to_bytes()
