@@ -32,15 +32,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
-import gc
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -54,6 +52,7 @@ from events.upcast import upcast
 from events.wire import check_envelope
 from projections import fold as core
 from projections import lead_log
+from projections.backtest import gc_off
 from projections.rules import RuleBook, RuleSet, RuleSetError, load_rule_sets
 from services.config import Settings, Topics
 from services.derived_reader import topic_partitions
@@ -454,20 +453,6 @@ def _balanced_ends(ends: dict, shards: int) -> list[dict]:
     return [{tp: (n if owner[tp] == i else 0) for tp, n in ends.items()} for i in range(shards)]
 
 
-@contextlib.contextmanager
-def _gc_off() -> Iterator[None]:
-    # The fold keeps millions of small containers alive to the end, none in a cycle: the cyclic GC would only
-    # re-scan them (≈ 40 % of the run time on a 200k-event log, and ×3 on decoding). Reference counting still frees
-    # the rest; the few cycles the Kafka client leaves behind are collected when the GC is back on.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-
-
 def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], ends: Optional[dict] = None) -> dict:
     """Fold the log under each book; returns ``{"mqls": [[...] per book], "touchpoints", "records", ...}``.
     ``ends``: the lead-keyed log's partitions and end offsets to fold (0 = not this shard's; default: all of it)."""
@@ -478,7 +463,7 @@ def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], ends: Option
         out["touchpoints"] = n_tp
         return out
 
-    with _gc_off():
+    with gc_off():
         return asyncio.run(run())
 
 
@@ -520,7 +505,7 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
 
     if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("fork")
-        with _gc_off():
+        with gc_off():
             async def prepare() -> tuple[dict, int, dict]:
                 ends = await end_offsets(bootstrap, topics.by_lead)
                 return (ends, *await read_anonymous(bootstrap, topics.touchpoints))
