@@ -67,11 +67,9 @@ def run(rule_paths: list[str], events_path: str, out: IO[str], err: Optional[IO[
     book = RuleBook.from_paths(rule_paths)
     src = sys.stdin.buffer if events_path == "-" else open(events_path, "rb")
     try:
-        # The fold allocates millions of small containers that live to the end and never form cycles: the cyclic
-        # GC would only re-scan them (a third of the run time on 1M events). Reference counting still frees the
-        # rest. The GC stays off until the results are written and the states freed (``_fold_file`` returned):
-        # turned on while they lived, its first pass re-scanned all of them (every object allocated while it was
-        # off is still in the youngest generation): ≈ 14 % of a 1M-event run.
+        # The GC stays off until the results are written and the states freed (``_fold_file`` returned): turned on
+        # while they lived, its first pass re-scanned all of them (every object allocated while it was off is still
+        # in the youngest generation): ≈ 14 % of a 1M-event run.
         with gc_off():
             return _fold_file(book, src, events_path, out, err)
     finally:

@@ -58,9 +58,6 @@ from services.config import Settings, Topics
 from services.derived_reader import topic_partitions
 
 _EPOCH0 = datetime(1970, 1, 1, tzinfo=timezone.utc)
-# ``core.fold`` without its wrapper and second dedupe check, for records whose id the caller found new to the lead
-# (``core.fold(state, rec, book, merge_from=m, emit=False)`` == ``_fold_new(state, rec, book, m, None, True)`` then)
-_fold_new = core._fold
 _fold_events = core._fold_events   # the fold of a run of one subject's events (hooks: on_handoff)
 READ_COMMITTED = 1   # FetchRequest isolation level
 CHUNK = 200_000   # lead-keyed records decoded and grouped by lead before they are folded
@@ -275,7 +272,7 @@ class LogFold:
             if type(ev) is bytes:
                 ev = evs[i] = _anonymous_event(ev, aid)  # decoded once, for every book
             if ev is not None:
-                _fold_new(st, ev, self.book, None, None, False)  # = core.fold(st, ev, book, emit=False)
+                core.fold(st, ev, self.book, emit=False)
         if st.seq < want:
             self.short_joins += 1
         return st

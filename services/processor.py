@@ -381,8 +381,8 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
 
     folded: dict[Any, set[int]] = {}  # input offsets whose batch is complete (derived sent, state stored)
 
-    def handed_over(batch: list[faust.EventT]) -> None:
-        """Guard faust's commits, once the consumer exists."""
+    def guard_commits_once() -> None:
+        """Guard faust's commits (called at every batch: the consumer exists once the first batch is in)."""
         if not getattr(app.consumer, "_leadledger_guarded", False):
             _guard_commits(app.consumer)
 
@@ -439,7 +439,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 sends: list[tuple[str, bytes, bytes]] = []
                 requests: list[tuple[str, bytes, bytes]] = []
                 touched: dict[bytes, bytes] = {}
-                handed_over(batch)
+                guard_commits_once()
                 for ev in batch:
                     if ev.message.topic != t.touchpoints:  # a join request, keyed by its anonymous id
                         req = orjson.loads(ev.value)
@@ -511,7 +511,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
     async def lead_agent(stream: faust.StreamT) -> Any:
         async with _crash_worker_on_error():
             async for batch in stream.take_events(batch_size, within=batch_within):
-                handed_over(batch)
+                guard_commits_once()
                 sends: list[tuple[str, bytes, bytes]] = []
                 states: dict[bytes, lead_log.LeadLogState | None] = {}
                 good: dict[bytes, list[dict]] = {}  # records of this batch folded per lead (see the except)
