@@ -29,3 +29,8 @@ if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ] || [ con
   .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
   touch .venv/.installed
 fi
+# the compiled fold (setup.py, Cython): rebuilt in place when projections/fold.py or fold.pxd changed (a no-op
+# otherwise); LEADLEDGER_PURE_PYTHON=1 runs the plain source instead
+if [ "${LEADLEDGER_PURE_PYTHON:-}" != 1 ]; then
+  .venv/bin/python setup.py -q build_ext --inplace 2> >(grep -v -e _BetaConfiguration -e 'warnings.warn(msg' >&2)
+fi

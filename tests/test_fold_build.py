@@ -1,0 +1,67 @@
+"""The compiled fold (setup.py: projections/fold.py built by Cython with projections/fold.pxd) is the one in use, and
+it computes exactly what its source computes as plain Python: states byte for byte and every derived event."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+
+import orjson
+import pytest
+
+import projections.fold as fold
+from bench.gen_history import generate
+from projections.rules import RuleBook
+
+RULES = Path(__file__).resolve().parent.parent / "deploy" / "rules" / "default.yaml"
+PURE = os.environ.get("LEADLEDGER_PURE_PYTHON") == "1"
+
+
+def _compiled(module: ModuleType) -> bool:
+    return str(module.__file__).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def _source_module() -> ModuleType:
+    """projections/fold.py loaded as plain Python under another name, beside the compiled module."""
+    spec = importlib.util.spec_from_file_location("leadledger_fold_source", Path(fold.__file__).with_name("fold.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(PURE, reason="LEADLEDGER_PURE_PYTHON=1 runs the source")
+def test_the_compiled_fold_is_in_use() -> None:
+    assert _compiled(fold), f"{fold.__file__}: the fold is not compiled; run `bash deploy/setup.sh`"
+    assert type(fold.LeadState("x").__class__.__dict__.get("seen")).__name__ == "getset_descriptor"
+
+
+@pytest.mark.skipif(PURE or not _compiled(fold), reason="no compiled fold to compare")
+def test_compiled_and_source_folds_agree_on_a_generated_history(tmp_path: Path) -> None:
+    src = _source_module()
+    assert not _compiled(src)
+    later = RULES.read_text().replace('version: "2026-11-default"', 'version: "later"')
+    later = later.replace('effective_from: "2026-01-01T00:00:00Z"', 'effective_from: "2026-02-01T00:00:00Z"')
+    (tmp_path / "later.yaml").write_text(later)
+    book = RuleBook.from_paths([str(RULES), str(tmp_path / "later.yaml")])
+    assert len(book.sets) == 2
+    events = generate(12_000, 300, seed=5, days=60)
+
+    def states(module: ModuleType) -> list[bytes]:
+        led = module.Ledger(book)
+        led.apply_all(events, chunk=5_000)
+        return [s.to_bytes() for s in led.states()]
+
+    def derived(module: ModuleType) -> list[bytes]:
+        led = module.Ledger(book, emit=True)
+        return [orjson.dumps(d) for ev in events[:4_000] for d in led.apply(ev)]
+
+    compiled_states, source_states = states(fold), states(src)
+    assert len(compiled_states) > 300
+    assert compiled_states == source_states
+    compiled_derived, source_derived = derived(fold), derived(src)
+    assert any(b'"lead_handed_off"' in d for d in compiled_derived)
+    assert compiled_derived == source_derived
