@@ -348,9 +348,10 @@ def _anonymous_event(raw: bytes, aid: str) -> Optional[dict]:
     return ev
 
 
-async def read_anonymous(bootstrap: str, topic: str) -> tuple[int, dict[str, list]]:
+async def read_anonymous(bootstrap: str, topic: str, ends: Optional[dict] = None) -> tuple[int, dict[str, list]]:
     """The anonymous-only events of the ``touchpoints`` log per cookie, in partition order (joins rebuild their
-    anonymous state from them); returns (touchpoints read, {anonymous id: [event dict, or its raw bytes]})."""
+    anonymous state from them); returns (touchpoints read, {anonymous id: [event dict, or its raw bytes]}).
+    ``ends``: the partitions to read and their end offsets (0 = not this one; default: all of the log)."""
     anon: dict[str, list] = {}
     n_tp = [0]
 
@@ -376,8 +377,20 @@ async def read_anonymous(bootstrap: str, topic: str) -> tuple[int, dict[str, lis
                 if _is_anonymous_only(ev) and check_envelope(ev) is None:
                     anon.setdefault(ev["anonymous_id"], []).append(ev)
 
-    await scan_log(bootstrap, topic, on_touchpoints)
+    if ends is None or any(ends.values()):
+        await scan_log(bootstrap, topic, on_touchpoints, ends)
     return n_tp[0], anon
+
+
+def _merge_anonymous(parts: list[dict[str, list]]) -> dict[str, list]:
+    """The anonymous events read in shares of the ``touchpoints`` partitions, as one read would have them (a
+    cookie's events come from its partition: only events keyed by something else span shares, in share order)."""
+    merged: dict[str, list] = {}
+    for part in parts:
+        for aid, evs in part.items():
+            have = merged.get(aid)
+            merged[aid] = evs if have is None else have + evs
+    return merged
 
 
 async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon: dict[str, list],
@@ -470,13 +483,21 @@ def _fold_shard(bootstrap: str, topics: dict, books: list[list[dict]], ends: dic
                     ends=ends)
 
 
-def _fold_child(conn: Any, bootstrap: str, topic: str, books: list[RuleBook], anon: dict[str, list],
+def _fold_child(conn: Any, bootstrap: str, topics: Topics, books: list[RuleBook], tp_ends: dict,
                 ends: dict) -> None:
-    """Forked worker: fold one shard of the lead-keyed log, send the result (or the error) back, exit without the
-    interpreter's teardown (freeing every lead state one by one would only cost time)."""
+    """Forked worker: read its share of the ``touchpoints`` partitions, swap the anonymous events with the parent
+    (it sends its share, receives the others'), fold one shard of the lead-keyed log and send the result (or the
+    error) back; exit without the interpreter's teardown (freeing every lead state one by one would only cost
+    time)."""
     try:
         try:
-            out: tuple = ("ok", asyncio.run(fold_lead_log(bootstrap, topic, books, anon, ends)))
+            n_tp, mine = asyncio.run(read_anonymous(bootstrap, topics.touchpoints, tp_ends))
+            conn.send(("anonymous", mine))
+            others = conn.recv()
+            anon = _merge_anonymous([mine, *others])
+            result = asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, ends))
+            result["touchpoints"] = n_tp
+            out: tuple = ("ok", result)
         except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
             import traceback
 
@@ -487,14 +508,26 @@ def _fold_child(conn: Any, bootstrap: str, topic: str, books: list[RuleBook], an
         os._exit(0)
 
 
+def _from_child(proc: Any, conn: Any, want: str) -> Any:
+    """The child's next message, which must be ``want``; its error (or its death) raised here."""
+    try:
+        status, out = conn.recv()
+    except EOFError:
+        status, out = "error", "the worker exited without a result"
+    if status != want:
+        raise RuntimeError(f"back-test worker failed: {out}")
+    return out
+
+
 def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int = 1) -> dict:
     """``fold_log`` in ``jobs`` processes, each folding every book over a shard of the lead-keyed partitions
     (balanced by size, ``_balanced_ends``); results are merged in shard order.
 
-    This process reads the anonymous events once, then forks a child per shard but the first, which it folds
-    itself: the children inherit the anonymous events, the rule books and the interpreter (no start-up, no
-    re-import: ≈ 1 s per process on this machine). When this process has other threads (forking them is unsafe),
-    every shard runs in a spawned process that reads the touchpoints log itself."""
+    This process forks a child per shard but the first, which it folds itself: the children inherit the rule books
+    and the interpreter (no start-up, no re-import: ≈ 1 s per process on this machine). Every process reads a share
+    of the ``touchpoints`` partitions (balanced the same way) for the anonymous events that joins rebuild, and the
+    shares are swapped through pipes, so that serial read is split too. When this process has other threads
+    (forking them is unsafe), every shard runs in a spawned process that reads the whole touchpoints log itself."""
     if jobs <= 1:
         return fold_log(bootstrap, topics, books)
     import multiprocessing
@@ -503,44 +536,45 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
     if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("fork")
         with gc_off():
-            async def prepare() -> tuple[dict, int, dict]:
-                ends = await end_offsets(bootstrap, topics.by_lead)
-                return (ends, *await read_anonymous(bootstrap, topics.touchpoints))
+            async def prepare() -> tuple[dict, dict]:
+                return await end_offsets(bootstrap, topics.by_lead), await end_offsets(bootstrap, topics.touchpoints)
 
-            ends, n_tp, anon = asyncio.run(prepare())
-            split = _balanced_ends(ends, jobs)
+            ends, tp_ends = asyncio.run(prepare())
+            split, tp_split = _balanced_ends(ends, jobs), _balanced_ends(tp_ends, jobs)
             children = []
             for shard in range(1, jobs):
-                recv, send = ctx.Pipe(duplex=False)
+                mine, theirs = ctx.Pipe()
                 proc = ctx.Process(target=_fold_child, daemon=True,
-                                   args=(send, bootstrap, topics.by_lead, books, anon, split[shard]))
+                                   args=(theirs, bootstrap, topics, books, tp_split[shard], split[shard]))
                 proc.start()
-                send.close()
-                children.append((proc, recv))
+                theirs.close()
+                children.append((proc, mine))
             try:
+                n_tp, own = asyncio.run(read_anonymous(bootstrap, topics.touchpoints, tp_split[0]))
+                shares = [own] + [_from_child(proc, conn, "anonymous") for proc, conn in children]
+                for i, (_proc, conn) in enumerate(children, start=1):
+                    conn.send(shares[:i] + shares[i + 1:])
+                anon = _merge_anonymous(shares)
+                del shares
                 parts = [asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, split[0]))]
-                for proc, recv in children:
-                    try:
-                        status, out = recv.recv()
-                    except EOFError:
-                        status, out = "error", "the worker exited without a result"
+                parts[0]["touchpoints"] = n_tp
+                for proc, conn in children:
+                    parts.append(_from_child(proc, conn, "ok"))
                     proc.join()
-                    if status != "ok":
-                        raise RuntimeError(f"back-test worker failed: {out}")
-                    parts.append(out)
             finally:
-                for proc, _recv in children:
+                for proc, _conn in children:
                     if proc.is_alive():
                         proc.kill()
                         proc.join()
-        parts[0]["touchpoints"] = n_tp
+        touchpoints = sum(p["touchpoints"] for p in parts)  # each process read a share
     else:
         docs = [[rs.model.model_dump(mode="json", by_alias=True, exclude_none=True) for rs in b.sets] for b in books]
         tdict = {k: getattr(topics, k) for k in Topics.__dataclass_fields__}
         split = _balanced_ends(asyncio.run(end_offsets(bootstrap, topics.by_lead)), jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
             parts = list(ex.map(_fold_shard, [bootstrap] * jobs, [tdict] * jobs, [docs] * jobs, split))
-    return {"touchpoints": parts[0]["touchpoints"], "records": sum(p["records"] for p in parts),
+        touchpoints = parts[0]["touchpoints"]  # each spawned shard read the whole log
+    return {"touchpoints": touchpoints, "records": sum(p["records"] for p in parts),
             "leads": sum(p["leads"] for p in parts),
             "mqls": [[m for p in parts for m in p["mqls"][i]] for i in range(len(books))],
             "short_joins": [sum(p["short_joins"][i] for p in parts) for i in range(len(books))]}
