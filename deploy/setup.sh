@@ -26,7 +26,8 @@ fi
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   echo "[setup] installing Python dependencies (pinned by constraints.txt)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+  # the fold is compiled in place below (the editable install would compile it once more, elsewhere)
+  LEADLEDGER_PURE_PYTHON=1 .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
   touch .venv/.installed
 fi
 # the compiled fold (setup.py, Cython): rebuilt in place when projections/fold.py or fold.pxd changed (a no-op
