@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.machinery
-import importlib.util
 import os
 import sys
 import time
@@ -24,6 +22,7 @@ import orjson
 
 from bench.gen_history import generate
 import projections.fold as fold
+from projections import fold_source, is_compiled
 from projections.fold import Ledger
 from projections.rules import RuleBook
 
@@ -48,19 +47,6 @@ def _time(book: RuleBook, events: list, emit: bool, grouped: bool = False, ledge
         gc.enable()
 
 
-def compiled() -> bool:
-    return str(fold.__file__).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-
-
-def source_ledger() -> type:
-    """The Ledger of projections/fold.py loaded as plain Python, beside the compiled module."""
-    spec = importlib.util.spec_from_file_location("bench_fold_source", Path(fold.__file__).with_name("fold.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Ledger
-
-
 def calibrate() -> float:
     """ns per iteration of a plain dict.get loop: a yardstick of this machine's Python speed
     (~30-40 ns on a current desktop core)."""
@@ -82,13 +68,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     book = RuleBook.from_paths(a.rules or [str(DEFAULT_RULES)])
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"machine yardstick: {calibrate():.0f} ns per dict.get loop iteration")
-    print(f"fold: {Path(str(fold.__file__)).name} ({'compiled, setup.py' if compiled() else 'plain Python'})")
+    print(f"fold: {Path(str(fold.__file__)).name} ({'compiled, setup.py' if is_compiled(fold) else 'plain Python'})")
     t0 = time.perf_counter()
     events = generate(a.events, a.leads, a.seed)
     print(f"generated {len(events):,} events over {a.leads:,} people in {time.perf_counter() - t0:.1f}s")
     # best of two passes each (the first pass in a process also pays for growing the heap), compiled and plain
     # Python alternated when the fold is compiled
-    source = source_ledger() if compiled() else None
+    source = fold_source("bench_fold_source").Ledger if is_compiled(fold) else None
     dt = dts = float("inf")
     for _ in range(2):
         d, led = _time(book, events, emit=False, grouped=True)

@@ -3,8 +3,6 @@ it computes exactly what its source computes as plain Python: states byte for by
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
@@ -14,35 +12,23 @@ import pytest
 
 import projections.fold as fold
 from bench.gen_history import generate
+from projections import fold_source, is_compiled
 from projections.rules import RuleBook
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "rules" / "default.yaml"
 PURE = os.environ.get("LEADLEDGER_PURE_PYTHON") == "1"
 
 
-def _compiled(module: ModuleType) -> bool:
-    return str(module.__file__).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-
-
-def _source_module() -> ModuleType:
-    """projections/fold.py loaded as plain Python under another name, beside the compiled module."""
-    spec = importlib.util.spec_from_file_location("leadledger_fold_source", Path(fold.__file__).with_name("fold.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(PURE, reason="LEADLEDGER_PURE_PYTHON=1 runs the source")
 def test_the_compiled_fold_is_in_use() -> None:
-    assert _compiled(fold), f"{fold.__file__}: the fold is not compiled; run `bash deploy/setup.sh`"
+    assert is_compiled(fold), f"{fold.__file__}: the fold is not compiled; run `bash deploy/setup.sh`"
     assert type(fold.LeadState("x").__class__.__dict__.get("seen")).__name__ == "getset_descriptor"
 
 
-@pytest.mark.skipif(PURE or not _compiled(fold), reason="no compiled fold to compare")
+@pytest.mark.skipif(PURE or not is_compiled(fold), reason="no compiled fold to compare")
 def test_compiled_and_source_folds_agree_on_a_generated_history(tmp_path: Path) -> None:
-    src = _source_module()
-    assert not _compiled(src)
+    src = fold_source("leadledger_fold_source")
+    assert not is_compiled(src)
     later = RULES.read_text().replace('version: "2026-11-default"', 'version: "later"')
     later = later.replace('effective_from: "2026-01-01T00:00:00Z"', 'effective_from: "2026-02-01T00:00:00Z"')
     (tmp_path / "later.yaml").write_text(later)
