@@ -421,10 +421,13 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
             etype = event["type"]
             occ_s = event["occurred_at"]
             occ = _fromiso(occ_s).timestamp()
-            t = state.t
-            if t is None or occ > t:
-                state.t = t = occ
+            t0 = state.t
+            if t0 is None or occ > t0:
+                state.t = occ
                 state.t_str = occ_s
+                t = occ
+            else:
+                t = t0
             if single is not None:
                 rs_now = single if t >= single.eff else None
             else:
@@ -514,10 +517,14 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                                 b.append((ra, eid, occ))
                         if w < 0.0:
                             A = agg.A
-                            f = None     # 0.5^((t − A)/h): the decay since the total's anchor, shared with rules anchored at A
+                            # f = 0.5^((t − A)/h): the decay since the total's anchor, shared with rules anchored at A
+                            # (has_f: f was computed; fA: A as a float then)
+                            has_f = False
                             if A != t:
                                 if A is not None and agg.total != 0.0:
-                                    f = 2.0 ** ((A - t) / h_s)
+                                    fA = A
+                                    f = 2.0 ** ((fA - t) / h_s)
+                                    has_f = True
                                     agg.total *= f
                                 agg.A = t
                             w = 1.0 if occ == t else 2.0 ** ((occ - t) / h_s)
@@ -526,9 +533,10 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                             counts = agg.counts
                         c = pts * w
                         s = sums[ri]
-                        if anch[ri] != t:
+                        an = anch[ri]
+                        if an != t:
                             if s != 0.0:
-                                s *= f if f is not None and anch[ri] == A else 2.0 ** ((anch[ri] - t) / h_s)
+                                s *= f if has_f and an == fA else 2.0 ** ((an - t) / h_s)
                             else:
                                 s = 0.0
                             anch[ri] = t
@@ -536,14 +544,15 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                         counts[ri] += 1
                         agg.total += c
                         if displaced is not None:
-                            d = pts * (1.0 if displaced[2] == t else 2.0 ** ((displaced[2] - t) / h_s))
-                            sums[ri] -= d
+                            dc = pts * (1.0 if displaced[2] == t else 2.0 ** ((displaced[2] - t) / h_s))
+                            sums[ri] -= dc
                             counts[ri] -= 1
-                            agg.total -= d
+                            agg.total -= dc
                             agg.top = [x for x in agg.top if x[1] != displaced[1] or x[2] != ri]
                         if nlp is not None:
                             top = agg.top
-                            k = nlp - occ / h_s
+                            nl = nlp
+                            k = nl - occ / h_s
                             if len(top) < TOP_K:
                                 _insort(top, (k, eid, ri, occ))
                             elif k <= top[-1][0]:
@@ -593,14 +602,14 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
             stage = state.stage
             if stage == "known" or stage == "lead":
                 lead_attrs = rs_now.lead_attributes if rs_now is not None else DEFAULT_LEAD_ATTRIBUTES
-                c = state._cmp
-                if c is not None and c[0] == state.rev and c[1] is lead_attrs:
-                    complete = c[2]
+                cm = state._cmp
+                if cm is not None and cm[0] == state.rev and cm[1] is lead_attrs:
+                    complete = cm[2]
                 else:
                     vals = state.vals
                     complete = True
-                    for a in lead_attrs:
-                        if a not in vals:
+                    for la in lead_attrs:
+                        if la not in vals:
                             complete = False
                             break
                     state._cmp = (state.rev, lead_attrs, complete)
@@ -1062,9 +1071,8 @@ class Ledger:
 
     def apply_all(self, events: Iterable[dict], chunk: int = 250_000) -> None:
         """``apply`` of every event (derived events not built), folded subject by subject per ``chunk`` events."""
-        add = self.add
         for ev in events:
-            add(ev)
+            self.add(ev)
             if self._nq >= chunk:
                 self.flush()
         self.flush()
