@@ -337,7 +337,9 @@ def _fit(state: LeadState, rs: CompiledRuleSet) -> tuple:
     c = state._fitc
     if c is not None and c[0] is rs and c[1] == state.rev:
         return c
-    matches = rs.fit_matches(state.vals)
+    vals = state.vals
+    # no attribute: no fit rule holds (a subject's first evaluation; fit_matches reads only present values)
+    matches = rs.fit_matches(vals) if vals else []
     total: Union[int, float] = 0
     for m in matches:
         total += m[2]
@@ -398,6 +400,8 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
     one subject's events is folded in one call (the backtest's Ledger.flush): no call, no setup per event.
     """
     single = book.single
+    plans = single.plan if single is not None else None   # its plan by event type (built once, never replaced)
+    eff = single.eff if single is not None else 0.0         # and its effective_from (epoch s)
     anonymous = state.anonymous        # never changes (a join merges an anonymous state into a lead state)
     aggs = state.aggs                  # mutated in place, never replaced (merge included)
     i = -1
@@ -429,7 +433,7 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
             else:
                 t = t0
             if single is not None:
-                rs_now = single if t >= single.eff else None
+                rs_now = single if t >= eff else None
             else:
                 rs_now = book.in_force(t)
             if not anonymous and state.stage == "anonymous":
@@ -453,7 +457,7 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
 
             # the rules this event matches, per rule set of the book (memoised on the compiled rule sets)
             if single is not None:
-                plan = single.plan.get(etype)
+                plan = plans.get(etype)
                 if plan is None:
                     work = ()
                 else:
@@ -462,7 +466,11 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                         work = plan[2]
                     elif mode == 1:  # CompiledRuleSet.match's memo, read inline (the hot path)
                         v = payload.get(plan[1])
-                        work = plan[2].get(v) if v is None or type(v) is str else None
+                        if v is None or type(v) is str:
+                            memo = plan[2]
+                            work = memo.get(v)
+                        else:
+                            work = None
                         if work is None:
                             work = single.match(plan, event, payload)
                     else:
@@ -491,6 +499,7 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                     agg = aggs[rs.version] = Agg(rs.n_eng)
                 if entries is not None:
                     w = -1.0
+                    has_f = False
                     h_s = rs.h_s
                     for ri, pts, cap, nlp in entries:
                         displaced = None
