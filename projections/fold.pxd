@@ -36,8 +36,7 @@ cdef class Ledger:
                    merges=dict, j=dict)
     cpdef flush(self, object on_error=*)
 
-    @cython.locals(chunk=Py_ssize_t)
-    cpdef apply_all(self, object events, Py_ssize_t chunk=*)
+    cpdef apply_all(self, object events, object chunk=*)
 
 cpdef normalise_email(object e)
 cpdef tuple subject_of(object ev)

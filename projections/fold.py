@@ -582,9 +582,11 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
             if rs_now is None:
                 fit: Union[int, float] = 0
                 eng = 0.0
+                version = None
             else:
+                version = rs_now.version
                 fit = state._fit_v if state._fit_rs is rs_now else _fit(state, rs_now)[2]
-                agg = aggs.get(rs_now.version)
+                agg = aggs.get(version)
                 if agg is None or agg.A is None:
                     eng = 0.0
                 elif agg.A == t:
@@ -595,7 +597,7 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
             eng_before = state.eng
             state.fit = fit
             state.eng = eng
-            state.version = rs_now.version if rs_now is not None else None
+            state.version = version
             if anonymous:
                 continue
             if out is not None and (fit != fit_before or eng != eng_before):
