@@ -337,7 +337,9 @@ def _fit(state: LeadState, rs: CompiledRuleSet) -> tuple:
     c = state._fitc
     if c is not None and c[0] is rs and c[1] == state.rev:
         return c
-    matches = rs.fit_matches(state.vals)
+    vals = state.vals
+    # no attribute: no fit rule holds (a subject's first evaluation; fit_matches reads only present values)
+    matches = rs.fit_matches(vals) if vals else []
     total: Union[int, float] = 0
     for m in matches:
         total += m[2]
@@ -398,6 +400,8 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
     one subject's events is folded in one call (the backtest's Ledger.flush): no call, no setup per event.
     """
     single = book.single
+    plans = single.plan if single is not None else None   # its plan by event type (built once, never replaced)
+    eff = single.eff if single is not None else 0.0         # and its effective_from (epoch s)
     anonymous = state.anonymous        # never changes (a join merges an anonymous state into a lead state)
     aggs = state.aggs                  # mutated in place, never replaced (merge included)
     i = -1
@@ -421,12 +425,15 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
             etype = event["type"]
             occ_s = event["occurred_at"]
             occ = _fromiso(occ_s).timestamp()
-            t = state.t
-            if t is None or occ > t:
-                state.t = t = occ
+            t0 = state.t
+            if t0 is None or occ > t0:
+                state.t = occ
                 state.t_str = occ_s
+                t = occ
+            else:
+                t = t0
             if single is not None:
-                rs_now = single if t >= single.eff else None
+                rs_now = single if t >= eff else None
             else:
                 rs_now = book.in_force(t)
             if not anonymous and state.stage == "anonymous":
@@ -450,7 +457,7 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
 
             # the rules this event matches, per rule set of the book (memoised on the compiled rule sets)
             if single is not None:
-                plan = single.plan.get(etype)
+                plan = plans.get(etype)
                 if plan is None:
                     work = ()
                 else:
@@ -459,7 +466,11 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                         work = plan[2]
                     elif mode == 1:  # CompiledRuleSet.match's memo, read inline (the hot path)
                         v = payload.get(plan[1])
-                        work = plan[2].get(v) if v is None or type(v) is str else None
+                        if v is None or type(v) is str:
+                            memo = plan[2]
+                            work = memo.get(v)
+                        else:
+                            work = None
                         if work is None:
                             work = single.match(plan, event, payload)
                     else:
@@ -488,6 +499,7 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                     agg = aggs[rs.version] = Agg(rs.n_eng)
                 if entries is not None:
                     w = -1.0
+                    has_f = False
                     h_s = rs.h_s
                     for ri, pts, cap, nlp in entries:
                         displaced = None
@@ -514,10 +526,14 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                                 b.append((ra, eid, occ))
                         if w < 0.0:
                             A = agg.A
-                            f = None     # 0.5^((t − A)/h): the decay since the total's anchor, shared with rules anchored at A
+                            # f = 0.5^((t − A)/h): the decay since the total's anchor, shared with rules anchored at A
+                            # (has_f: f was computed; fA: A as a float then)
+                            has_f = False
                             if A != t:
                                 if A is not None and agg.total != 0.0:
-                                    f = 2.0 ** ((A - t) / h_s)
+                                    fA = A
+                                    f = 2.0 ** ((fA - t) / h_s)
+                                    has_f = True
                                     agg.total *= f
                                 agg.A = t
                             w = 1.0 if occ == t else 2.0 ** ((occ - t) / h_s)
@@ -526,9 +542,10 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                             counts = agg.counts
                         c = pts * w
                         s = sums[ri]
-                        if anch[ri] != t:
+                        an = anch[ri]
+                        if an != t:
                             if s != 0.0:
-                                s *= f if f is not None and anch[ri] == A else 2.0 ** ((anch[ri] - t) / h_s)
+                                s *= f if has_f and an == fA else 2.0 ** ((an - t) / h_s)
                             else:
                                 s = 0.0
                             anch[ri] = t
@@ -536,14 +553,15 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                         counts[ri] += 1
                         agg.total += c
                         if displaced is not None:
-                            d = pts * (1.0 if displaced[2] == t else 2.0 ** ((displaced[2] - t) / h_s))
-                            sums[ri] -= d
+                            dc = pts * (1.0 if displaced[2] == t else 2.0 ** ((displaced[2] - t) / h_s))
+                            sums[ri] -= dc
                             counts[ri] -= 1
-                            agg.total -= d
+                            agg.total -= dc
                             agg.top = [x for x in agg.top if x[1] != displaced[1] or x[2] != ri]
                         if nlp is not None:
                             top = agg.top
-                            k = nlp - occ / h_s
+                            nl = nlp
+                            k = nl - occ / h_s
                             if len(top) < TOP_K:
                                 _insort(top, (k, eid, ri, occ))
                             elif k <= top[-1][0]:
@@ -564,9 +582,11 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
             if rs_now is None:
                 fit: Union[int, float] = 0
                 eng = 0.0
+                version = None
             else:
+                version = rs_now.version
                 fit = state._fit_v if state._fit_rs is rs_now else _fit(state, rs_now)[2]
-                agg = aggs.get(rs_now.version)
+                agg = aggs.get(version)
                 if agg is None or agg.A is None:
                     eng = 0.0
                 elif agg.A == t:
@@ -577,7 +597,7 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
             eng_before = state.eng
             state.fit = fit
             state.eng = eng
-            state.version = rs_now.version if rs_now is not None else None
+            state.version = version
             if anonymous:
                 continue
             if out is not None and (fit != fit_before or eng != eng_before):
@@ -593,14 +613,14 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
             stage = state.stage
             if stage == "known" or stage == "lead":
                 lead_attrs = rs_now.lead_attributes if rs_now is not None else DEFAULT_LEAD_ATTRIBUTES
-                c = state._cmp
-                if c is not None and c[0] == state.rev and c[1] is lead_attrs:
-                    complete = c[2]
+                cm = state._cmp
+                if cm is not None and cm[0] == state.rev and cm[1] is lead_attrs:
+                    complete = cm[2]
                 else:
                     vals = state.vals
                     complete = True
-                    for a in lead_attrs:
-                        if a not in vals:
+                    for la in lead_attrs:
+                        if la not in vals:
                             complete = False
                             break
                     state._cmp = (state.rev, lead_attrs, complete)
@@ -1062,9 +1082,8 @@ class Ledger:
 
     def apply_all(self, events: Iterable[dict], chunk: int = 250_000) -> None:
         """``apply`` of every event (derived events not built), folded subject by subject per ``chunk`` events."""
-        add = self.add
         for ev in events:
-            add(ev)
+            self.add(ev)
             if self._nq >= chunk:
                 self.flush()
         self.flush()
