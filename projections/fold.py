@@ -500,6 +500,7 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                 if entries is not None:
                     w = -1.0
                     has_f = False
+                    f = fA = 0.0       # read only once has_f is set (initialised for the C compiler's sake)
                     h_s = rs.h_s
                     for ri, pts, cap, nlp in entries:
                         displaced = None
