@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import uuid
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingest-url", default=os.environ.get("LEADLEDGER_INGEST_URL", "http://127.0.0.1:8080"))
     a = p.parse_args(argv or [])
     run = uuid.uuid4().hex[:6]
+    # the derived topics' leaders are unknown for a moment after the stack created them: aiokafka logs each
+    # (retried) offset lookup as an error, which would only clutter the demo's output
+    logging.getLogger("aiokafka.consumer.fetcher").setLevel(logging.CRITICAL)
 
     async def go() -> int:
         leads = await send(a.ingest_url, run)
