@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 import orjson
 
-from bench.gen_history import generate
 import projections.fold as fold
+from bench.gen_history import generate
 from projections import fold_source, is_compiled
 from projections.fold import Ledger
 from projections.rules import RuleBook

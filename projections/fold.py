@@ -378,9 +378,11 @@ _SPECIAL = frozenset({"form_submitted", "attribute_updated", "call_logged", "sta
 
 
 def _fold(state: LeadState, event: dict, book: RuleBook, merge_from: Optional[LeadState],
-          out: Optional[list], new_id: bool = False) -> None:
+          out: Optional[list], new_id: bool = False,
+          on_handoff: Optional[Callable[[LeadState, str], None]] = None) -> None:
     """The fold of one event into an existing ``state`` (``_fold_events`` of one event, see there)."""
-    _fold_events(state, (event,), book, out, new_id, {0: merge_from} if merge_from is not None else None)
+    _fold_events(state, (event,), book, out, new_id, {0: merge_from} if merge_from is not None else None,
+                 on_handoff=on_handoff)
 
 
 def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: Optional[list],
@@ -529,7 +531,6 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                             A = agg.A
                             # f = 0.5^((t − A)/h): the decay since the total's anchor, shared with rules anchored at A
                             # (has_f: f was computed; fA: A as a float then)
-                            has_f = False
                             if A != t:
                                 if A is not None and agg.total != 0.0:
                                     fA = A
@@ -1013,13 +1014,12 @@ class Ledger:
             st = self.anons.get(key)
             if st is None:
                 st = self.anons[key] = LeadState(key, True)
-            _fold_events(st, (ev,), self.book, out, True)
+            _fold(st, ev, self.book, None, out, True)
         else:
             st = self.leads.get(key)
             if st is None:
                 st = self.leads[key] = LeadState(key, False)
-            anon = self.anons.pop(join, None) if join is not None else None
-            _fold_events(st, (ev,), self.book, out, True, {0: anon} if anon is not None else None)
+            _fold(st, ev, self.book, self.anons.pop(join, None) if join is not None else None, out, True)
         return out if out is not None else []
 
     def add(self, ev: dict, tag: Any = None) -> bool:

@@ -238,10 +238,9 @@ class LogFold:
         """The fold's ``on_handoff``: lead ``st`` was handed off (episode ``st.handoffs``) by event ``cause``."""
         self.mqls.append((st.key, st.handoffs, st.t, cause))
 
-    def _fold(self, lead: str, s: lead_log.LeadLogState, rec: dict, merge_from: Optional[core.LeadState] = None):
+    def _fold(self, s: lead_log.LeadLogState, rec: dict, merge_from: Optional[core.LeadState] = None) -> None:
         """``core.fold`` of a record whose id is new to the lead (the callers checked the dedupe window)."""
-        _fold_events(s.lead, (rec,), self.book, None, True, {0: merge_from} if merge_from is not None else None,
-                     on_handoff=self._handed_off)
+        core._fold(s.lead, rec, self.book, merge_from, None, True, on_handoff=self._handed_off)
 
     def _fold_run(self, s: lead_log.LeadLogState, recs: list[dict]) -> None:
         """``core.fold`` of consecutive touchpoints of one lead, none held back or holding the lead back, in one call
@@ -259,7 +258,7 @@ class LogFold:
         if aid and aid not in s.resolved and core.subject_of(rec)[0] is not None:
             s.pending = [aid, rec["event_id"], [rec]]
             return
-        self._fold(lead, s, rec)
+        self._fold(s, rec)
 
     def anon_state(self, aid: str, live: dict) -> core.LeadState:
         """The anonymous subject as the identity stage had it at the join, folded under this book."""
@@ -321,7 +320,7 @@ class LogFold:
                 del s.resolved[0]
         anon = self.anon_state(p[0], rec["state"]) if rec.get("state") else None
         held = p[2]
-        self._fold(lead, s, held[0], merge_from=anon)
+        self._fold(s, held[0], merge_from=anon)
         for r in held[1:]:
             self._touchpoint(lead, s, r)
 
@@ -508,7 +507,7 @@ def _fold_child(conn: Any, bootstrap: str, topics: Topics, books: list[RuleBook]
         os._exit(0)
 
 
-def _from_child(proc: Any, conn: Any, want: str) -> Any:
+def _from_child(conn: Any, want: str) -> Any:
     """The child's next message, which must be ``want``; its error (or its death) raised here."""
     try:
         status, out = conn.recv()
@@ -551,7 +550,7 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
                 children.append((proc, mine))
             try:
                 n_tp, own = asyncio.run(read_anonymous(bootstrap, topics.touchpoints, tp_split[0]))
-                shares = [own] + [_from_child(proc, conn, "anonymous") for proc, conn in children]
+                shares = [own] + [_from_child(conn, "anonymous") for _proc, conn in children]
                 for i, (_proc, conn) in enumerate(children, start=1):
                     conn.send(shares[:i] + shares[i + 1:])
                 anon = _merge_anonymous(shares)
@@ -559,7 +558,7 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
                 parts = [asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, split[0]))]
                 parts[0]["touchpoints"] = n_tp
                 for proc, conn in children:
-                    parts.append(_from_child(proc, conn, "ok"))
+                    parts.append(_from_child(conn, "ok"))
                     proc.join()
             finally:
                 for proc, _conn in children:
