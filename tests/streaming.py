@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from services.config import Settings, Topics
 from services.derived_reader import read_topic, topic_partitions
@@ -102,7 +103,12 @@ async def group_caught_up(bootstrap: str, group: str, topics: list[str]) -> bool
     await admin.start()
     await consumer.start()
     try:
-        committed = await admin.list_consumer_group_offsets(group)
+        try:
+            committed = await admin.list_consumer_group_offsets(group)
+        except KafkaError as e:
+            if not e.retriable:
+                raise
+            return False  # the group's coordinator is not up yet (a fresh broker's offsets topic): not caught up
         tps = [tp for t in topics for tp in await topic_partitions(consumer, t)]
         end = await consumer.end_offsets(tps)
         for tp in tps:
