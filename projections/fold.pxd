@@ -27,16 +27,28 @@ cdef class Ledger:
     cdef public Py_ssize_t duplicates, _nq
 
     @cython.locals(seen=set, r=tuple, key=object)
-    cpdef route(self, object ev)
+    cpdef route(self, dict ev)
 
     @cython.locals(queues=dict, q=list, j=dict, r=tuple, anonymous=cython.bint)
-    cpdef bint add(self, object ev, object tag=*) except -1
+    cpdef bint add(self, dict ev, object tag=*) except -1
 
     @cython.locals(qa=dict, ql=dict, joins=dict, tags=dict, anons=dict, leads=dict, evs=list, st=LeadState,
                    merges=dict, j=dict)
     cpdef flush(self, object on_error=*)
 
     cpdef apply_all(self, object events, object chunk=*)
+
+cdef bint _COMPILED
+cdef long long _NOT_WIRE
+cdef unsigned int _WIRE_SEPARATORS
+
+@cython.locals(us=cython.longlong)
+cpdef double epoch_s(object s) except? -1.0
+
+@cython.locals(y=cython.longlong, mo=cython.longlong, d=cython.longlong, h=cython.longlong, mi=cython.longlong,
+               sec=cython.longlong, us=cython.longlong, days=cython.longlong, v=cython.longlong, i=cython.int,
+               c=cython.Py_UCS4, ok=cython.bint)
+cdef cython.longlong _wire_us(str s) except? -2
 
 cpdef normalise_email(object e)
 cpdef tuple subject_of(object ev)
@@ -63,6 +75,6 @@ cpdef _transition(LeadState state, object to, object rs, object cause, object re
                fA=cython.double, has_f=cython.bint, an=cython.double, s=cython.double, c=cython.double,
                pts=cython.double, dc=cython.double, nl=cython.double, anonymous=cython.bint, seen=dict,
                aggs=dict, ri=cython.Py_ssize_t, plans=dict, plan=list, memo=dict,
-               eff=cython.double)
+               eff=cython.double, event=dict, payload=dict, now_hs=cython.double, w_hs=cython.double)
 cpdef _fold_events(LeadState state, object events, object book, object out, bint new_id=*, object merges=*,
                    object on_error=*, object tags=*, object on_handoff=*)

@@ -4,8 +4,11 @@ it computes exactly what its source computes as plain Python: states byte for by
 from __future__ import annotations
 
 import os
+import random
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import orjson
 import pytest
@@ -51,3 +54,35 @@ def test_compiled_and_source_folds_agree_on_a_generated_history(tmp_path: Path) 
     compiled_derived, source_derived = derived(fold), derived(src)
     assert any(b'"lead_handed_off"' in d for d in compiled_derived)
     assert compiled_derived == source_derived
+
+
+EDGE_TIMESTAMPS = [
+    "2024-02-29T00:00:00.000000+00:00", "2000-02-29T23:59:59.999999+00:00", "1970-01-01T00:00:00.000000+00:00",
+    "1969-12-31T23:59:59.999999+00:00", "2023-02-29T00:00:00.000000+00:00", "2100-02-29T00:00:00.000000+00:00",
+    "2026-04-31T00:00:00.000000+00:00", "2026-13-01T00:00:00.000000+00:00", "2026-00-01T00:00:00.000000+00:00",
+    "2026-01-00T00:00:00.000000+00:00", "2026-01-01T24:00:00.000000+00:00", "2026-01-01T23:60:00.000000+00:00",
+    "2026-01-01T23:00:60.000000+00:00", "2026-01-01 23:00:00.000000+00:00", "2026-01-01T23:00:00.000000+01:00",
+    "2026-01-01T23:00:00.000000-00:00", "2026-01-01T23:00:00,000000+00:00", "2026-01-01T23:00:00.00000a+00:00",
+    "1699-12-31T23:59:59.999999+00:00", "2201-01-01T00:00:00.000000+00:00", "0001-01-01T00:00:00.000000+00:00",
+    "9999-12-31T23:59:59.999999+00:00", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00.000000Z",
+    "2026-01-01T00:00:00.000000+0000", "２０２６-01-01T00:00:00.000000+00:00", "2026-01-01T00:00:00.000000+00:0٠",
+]
+
+
+def _outcome(f: Any, s: str) -> Any:
+    try:
+        return f(s)
+    except Exception as e:  # the same exception type either way (the message may differ)
+        return type(e)
+
+
+@pytest.mark.skipif(PURE or not is_compiled(fold), reason="no compiled fold to compare")
+def test_compiled_epoch_seconds_equal_datetime_timestamp() -> None:
+    """The compiled fold reads wire-format timestamps digit by digit (``epoch_s``): exactly datetime's float, and
+    datetime's own answer (or error) for everything else."""
+    rnd = random.Random(11)
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    wire = [(epoch + timedelta(microseconds=rnd.randrange(-8 * 10**15, 7 * 10**15))).isoformat(timespec="microseconds")
+            for _ in range(100_000)]
+    for s in [*wire, *EDGE_TIMESTAMPS]:
+        assert _outcome(fold.epoch_s, s) == _outcome(lambda x: datetime.fromisoformat(x).timestamp(), s), s
