@@ -40,6 +40,7 @@ cdef class Ledger:
 
 cdef bint _COMPILED
 cdef long long _NOT_WIRE
+cdef str _WIRE
 cdef unsigned int _WIRE_SEPARATORS
 
 @cython.locals(us=cython.longlong)
@@ -47,7 +48,7 @@ cpdef double epoch_s(object s) except? -1.0
 
 @cython.locals(y=cython.longlong, mo=cython.longlong, d=cython.longlong, h=cython.longlong, mi=cython.longlong,
                sec=cython.longlong, us=cython.longlong, days=cython.longlong, v=cython.longlong, i=cython.int,
-               c=cython.Py_UCS4, ok=cython.bint)
+               c=cython.Py_UCS4)
 cdef cython.longlong _wire_us(str s) except? -2
 
 cpdef normalise_email(object e)

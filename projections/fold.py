@@ -124,7 +124,8 @@ def epoch_s(s: str) -> float:
 
 
 _NOT_WIRE = -(1 << 62)
-_WIRE_SEPARATORS = sum(1 << i for i in (4, 7, 10, 13, 16, 19, 26, 29))   # their positions in the wire format
+_WIRE = "0000-00-00T00:00:00.000000+00:00"   # the wire format: its separators, and digits where the zeros are
+_WIRE_SEPARATORS = sum(1 << i for i, c in enumerate(_WIRE) if c != "0")   # their positions, as bits
 
 
 def _wire_us(s: str) -> int:
@@ -136,30 +137,23 @@ def _wire_us(s: str) -> int:
     i = 0
     for c in s:
         if (_WIRE_SEPARATORS >> i) & 1:
+            if c != _WIRE[i]:
+                return _NOT_WIRE
             if i == 4:
                 y = v
-                ok = c == "-"
             elif i == 7:
                 mo = v
-                ok = c == "-"
             elif i == 10:
                 d = v
-                ok = c == "T"
             elif i == 13:
                 h = v
-                ok = c == ":"
             elif i == 16:
                 mi = v
-                ok = c == ":"
             elif i == 19:
                 sec = v
-                ok = c == "."
             elif i == 26:
                 us = v
-                ok = c == "+"
-            else:
-                ok = c == ":" and v == 0   # +00:
-            if not ok:
+            elif v != 0:   # +00:
                 return _NOT_WIRE
             v = 0
         elif "0" <= c <= "9":
