@@ -79,7 +79,7 @@ def run(rule_paths: list[str], events_path: str, out: IO[str], err: Optional[IO[
 
 def _fold_file(book: RuleBook, src: IO[bytes], events_path: str, out: IO[str], err: IO[str]) -> dict:
     """``run`` once the rules are loaded and the file is open (the GC off)."""
-    ledger = Ledger(book, emit=False)
+    ledger = Ledger(book, emit=False, window=False)   # states only summarised: the global dedupe is enough
     decode = _decoder()
     add = ledger.add
     lines = 0

@@ -21,6 +21,7 @@ cdef class Identity:
 @cython.final
 cdef class Ledger:
     cdef public object book, emit
+    cdef public bint window
     cdef public Identity identity
     cdef public dict leads, anons, _keys, _qa, _ql, _joins, _tags
     cdef public set seen
@@ -33,7 +34,7 @@ cdef class Ledger:
     cpdef bint add(self, dict ev, object tag=*) except -1
 
     @cython.locals(qa=dict, ql=dict, joins=dict, tags=dict, anons=dict, leads=dict, evs=list, st=LeadState,
-                   merges=dict, j=dict)
+                   merges=dict, j=dict, window=cython.bint)
     cpdef flush(self, object on_error=*)
 
     cpdef apply_all(self, object events, object chunk=*)
@@ -78,4 +79,4 @@ cpdef _transition(LeadState state, object to, object rs, object cause, object re
                aggs=dict, ri=cython.Py_ssize_t, plans=dict, plan=list, memo=dict,
                eff=cython.double, event=dict, payload=dict, now_hs=cython.double, w_hs=cython.double)
 cpdef _fold_events(LeadState state, object events, object book, object out, bint new_id=*, object merges=*,
-                   object on_error=*, object tags=*, object on_handoff=*)
+                   object on_error=*, object tags=*, object on_handoff=*, bint window=*)

@@ -453,19 +453,20 @@ _SPECIAL = frozenset({"form_submitted", "attribute_updated", "call_logged", "sta
 
 def _fold(state: LeadState, event: dict, book: RuleBook, merge_from: Optional[LeadState],
           out: Optional[list], new_id: bool = False,
-          on_handoff: Optional[Callable[[LeadState, str], None]] = None) -> None:
+          on_handoff: Optional[Callable[[LeadState, str], None]] = None, window: bool = True) -> None:
     """The fold of one event into an existing ``state`` (``_fold_events`` of one event, see there)."""
     _fold_events(state, (event,), book, out, new_id, {0: merge_from} if merge_from is not None else None,
-                 on_handoff=on_handoff)
+                 on_handoff=on_handoff, window=window)
 
 
 def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: Optional[list],
                  new_id: bool = False, merges: Optional[dict[int, LeadState]] = None,
                  on_error: Optional[Any] = None, tags: Optional[dict[str, Any]] = None,
-                 on_handoff: Optional[Callable[[LeadState, str], None]] = None) -> None:
+                 on_handoff: Optional[Callable[[LeadState, str], None]] = None, window: bool = True) -> None:
     """The fold of ``events`` (one subject's, in arrival order) into an existing ``state``; derived events are
     appended to ``out`` unless None. ``new_id``: the caller knows the event ids are new to this subject (the Ledger's
-    global dedupe): skip the check. ``merges``: {index in ``events``: the anonymous state that event joins (merged
+    global dedupe): skip the check. ``window=False`` (with ``new_id``): the subject's dedupe window is not kept
+    either (a Ledger whose states never continue in a live fold: see ``Ledger``). ``merges``: {index in ``events``: the anonymous state that event joins (merged
     first)}. ``on_error(tags.get(event id), exc)``: called for an event whose fold raised ValueError, TypeError,
     KeyError or AttributeError, the fold goes on with the next event; without it the exception propagates.
     ``on_handoff(state, event id)``: called when an event moved the subject to ``mql`` (hand-off ``state.handoffs``
@@ -498,10 +499,11 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
                 if merge_from is not None:
                     merge(state, merge_from, book)
                     seen = state.seen
-            if len(seen) >= DEDUPE_WINDOW:
-                state.seen_old = seen
-                state.seen = seen = {}
-            seen[eid] = None
+            if window:
+                if len(seen) >= DEDUPE_WINDOW:
+                    state.seen_old = seen
+                    state.seen = seen = {}
+                seen[eid] = None
             state.seq += 1
             etype = event["type"]
             occ_s = event["occurred_at"]
@@ -1031,11 +1033,16 @@ class Ledger:
     working set fits the caches; docs/audit.md).
     """
 
-    __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit", "_keys", "_qa", "_ql", "_joins",
-                 "_tags", "_nq")
+    __slots__ = ("book", "identity", "leads", "anons", "seen", "duplicates", "emit", "window", "_keys", "_qa", "_ql",
+                 "_joins", "_tags", "_nq")
 
-    def __init__(self, book: RuleBook, emit: bool = False):
+    def __init__(self, book: RuleBook, emit: bool = False, window: bool = True):
         self.book = book
+        # window=False: the subjects' own dedupe windows (DEDUPE_WINDOW ids each, what a live state needs to refuse a
+        # retried event) are not kept: the global set ``seen`` dedupes the whole log exactly. For folds whose states
+        # are only read (the file back-test): on a 1M-event log that window is a million dict entries to write and
+        # keep in memory (≈ 8 % of the fold there). Every other part of a state is the same either way.
+        self.window = window
         self.identity = Identity()
         self.leads: dict[str, LeadState] = {}
         self.anons: dict[str, LeadState] = {}
@@ -1104,12 +1111,13 @@ class Ledger:
             st = self.anons.get(key)
             if st is None:
                 st = self.anons[key] = LeadState(key, True)
-            _fold(st, ev, self.book, None, out, True)
+            _fold(st, ev, self.book, None, out, True, window=self.window)
         else:
             st = self.leads.get(key)
             if st is None:
                 st = self.leads[key] = LeadState(key, False)
-            _fold(st, ev, self.book, self.anons.pop(join, None) if join is not None else None, out, True)
+            _fold(st, ev, self.book, self.anons.pop(join, None) if join is not None else None, out, True,
+                  window=self.window)
         return out if out is not None else []
 
     def add(self, ev: dict, tag: Any = None) -> bool:
@@ -1142,12 +1150,13 @@ class Ledger:
         qa, ql, joins, tags = self._qa, self._ql, self._joins, self._tags
         self._qa, self._ql, self._joins, self._tags, self._nq = {}, {}, {}, {}, 0
         book = self.book
+        window = self.window
         anons, leads = self.anons, self.leads
         for key, evs in qa.items():
             st = anons.get(key)
             if st is None:
                 st = anons[key] = LeadState(key, True)
-            _fold_events(st, evs, book, None, True, None, on_error, tags)
+            _fold_events(st, evs, book, None, True, None, on_error, tags, window=window)
             evs.clear()  # freed now, while they are in the CPU caches (at the end of flush they no longer are)
         for key, evs in ql.items():
             st = leads.get(key)
@@ -1163,7 +1172,7 @@ class Ledger:
                     anon = anons.pop(aid, None)
                     if anon is not None:
                         merges[i] = anon
-            _fold_events(st, evs, book, None, True, merges, on_error, tags)
+            _fold_events(st, evs, book, None, True, merges, on_error, tags, window=window)
             evs.clear()
 
     @property

@@ -830,6 +830,29 @@ def test_grouped_fold_equals_the_one_at_a_time_fold_on_a_generated_history() -> 
         assert [s.to_bytes() for s in b.states()] == [s.to_bytes() for s in a.states()]
 
 
+def test_a_ledger_without_dedupe_windows_folds_the_same_states() -> None:
+    """Ledger(window=False) (the file back-test): every state is the one of a Ledger with the windows but for the
+    windows themselves, one event at a time or grouped; the global set still refuses every duplicate."""
+    from bench.gen_history import generate
+
+    book = RuleBook.from_paths([str(Path(__file__).resolve().parent.parent / "deploy" / "rules" / "default.yaml")])
+    evs = generate(6000, 150, seed=11, days=60)
+    a = Ledger(book)
+    a.apply_all(evs, chunk=777)
+    assert any(s.seen for s in a.states())
+    for s in a.states():
+        s.seen, s.seen_old = {}, {}
+    want = [s.to_bytes() for s in a.states()]
+    b = Ledger(book, window=False)
+    b.apply_all(evs, chunk=777)
+    c = Ledger(book, window=False)
+    for e in evs:
+        c.apply(e)
+    for led in (b, c):
+        assert led.duplicates == a.duplicates > 0
+        assert [s.to_bytes() for s in led.states()] == want
+
+
 def test_grouped_fold_reports_failed_events_by_tag_and_goes_on() -> None:
     """Ledger.flush(on_error): an event whose fold raises is reported with its own tag (anonymous subjects, leads,
     around a join), the subject's other events are folded: the states of Ledger.apply with the error caught."""
