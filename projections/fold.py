@@ -466,9 +466,10 @@ def _fold_events(state: LeadState, events: Iterable[dict], book: RuleBook, out: 
     """The fold of ``events`` (one subject's, in arrival order) into an existing ``state``; derived events are
     appended to ``out`` unless None. ``new_id``: the caller knows the event ids are new to this subject (the Ledger's
     global dedupe): skip the check. ``window=False`` (with ``new_id``): the subject's dedupe window is not kept
-    either (a Ledger whose states never continue in a live fold: see ``Ledger``). ``merges``: {index in ``events``: the anonymous state that event joins (merged
-    first)}. ``on_error(tags.get(event id), exc)``: called for an event whose fold raised ValueError, TypeError,
-    KeyError or AttributeError, the fold goes on with the next event; without it the exception propagates.
+    either (a Ledger whose states never continue in a live fold: see ``Ledger``). ``merges``: {index in
+    ``events``: the anonymous state that event joins (merged first)}. ``on_error(tags.get(event id), exc)``: called
+    for an event whose fold raised ValueError, TypeError, KeyError or AttributeError, the fold goes on with the next
+    event; without it the exception propagates.
     ``on_handoff(state, event id)``: called when an event moved the subject to ``mql`` (hand-off ``state.handoffs``
     at ``state.t``), right after that event's fold.
 
