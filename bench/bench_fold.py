@@ -2,7 +2,7 @@
 
 Generates the history in memory (bench.gen_history, deterministic) and lays it out as the backtest holds a file it
 read (each event decoded from its JSON line, in arrival order: the generator allocates person by person, a layout
-no reader produces, ≈ 10-15 % slower to walk in arrival order; also timed, once), then times the backtest path over it
+no reader produces; also timed, once), then times the backtest path over it
 (``Ledger.apply_all``: global dedupe and identity routing in arrival order, then the O(1) fold subject by subject per
 chunk of the log; derived events not built), the same fold one event at a time in arrival order (``Ledger.apply``,
 the order a processor sees), a pass with derived events built (the processor path), and the backtest path including
