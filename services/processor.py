@@ -35,6 +35,7 @@ from typing import Any, AsyncIterator
 
 import faust
 import orjson
+from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
@@ -153,6 +154,105 @@ class _FetchConsumer(faust_aiokafka.Consumer):
         if held:
             assigned = self.assignment()
             super().resume_partitions({tp for tp in held if tp in assigned})
+
+    async def _drain_messages(self, fetcher: Any) -> None:
+        """faust-streaming 0.15.3's fetch loop (`Consumer._drain_messages`), with one change: each record is handed
+        to the streams by running faust's callback directly, not through `wait_first(callback, suspend_flow.wait())`,
+        which creates four tasks and an `asyncio.wait` per record (a sixth of the worker's time at full load). The
+        callback usually finishes without suspending (the stream queue has room); only when it does suspend (a
+        full queue, or the flow suspended) is it finished faust's way, abandoned if the flow is suspended meanwhile.
+        Everything else — read offsets, gaps, commits, stop checks — is faust's code as it stands."""
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        flag_consumer_fetching = faust_consumer.CONSUMER_FETCHING
+        set_flag = self.diag.set_flag
+        unset_flag = self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        yield_every = 100
+        num_since_yield = 0
+        sleep = asyncio.sleep
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(flag_consumer_fetching)
+                ait = getmany(timeout=1.0)
+                await self.sleep(0)  # faust: getmany can run in a loop without releasing the event loop
+                if not self.should_stop:
+                    async for tp, message in ait:
+                        num_since_yield += 1
+                        if num_since_yield > yield_every:
+                            await sleep(0)
+                            num_since_yield = 0
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is None or offset >= r_offset:
+                            gap = offset - (r_offset or 0)
+                            if gap > 1 and r_offset:
+                                if acks_enabled_for(message.topic):
+                                    await self._add_gap(tp, r_offset + 1, offset)
+                            if commit_every is not None:
+                                if self._n_acked >= commit_every:
+                                    self._n_acked = 0
+                                    await self.commit()
+                            delivering = callback(message)
+                            try:
+                                first = delivering.send(None)
+                            except StopIteration:
+                                pass  # delivered without waiting
+                            else:
+                                await self.wait_first(_Resumed(delivering, first), self.suspend_flow.wait())
+                            set_read_offset(tp, offset)
+                        else:
+                            self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
+                    unset_flag(flag_consumer_fetching)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(flag_consumer_fetching)
+
+
+class _Resumed:
+    """Awaiting it finishes a coroutine that already ran up to its first suspension, where it yielded `first`: what
+    awaiting the coroutine from the start would have done, so a task can take it over (cancellation included)."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Any, first: Any) -> None:
+        self._coro, self._first = coro, first
+
+    def __await__(self) -> Any:
+        coro, value = self._coro, self._first
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the task (a cancellation): into the coroutine
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
 
 
 class QuietWorker(faust.Worker):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -191,3 +192,39 @@ def test_an_empty_active_set_is_not_every_partition() -> None:
     assert view and TP("touchpoints", 0) in view
     live.clear()  # faust empties its set while a fetch waits
     assert view and TP("touchpoints", 0) not in view
+
+
+async def test_a_started_delivery_is_finished_as_awaiting_it_would() -> None:
+    """The processor's fetch loop runs faust's per-record callback directly and hands it to a task (faust's
+    `wait_first`) only when it suspends: `_Resumed` must continue it from there, results and cancellation alike."""
+    from services.processor import _Resumed
+
+    loop = asyncio.get_running_loop()
+    seen: list[Any] = []
+
+    async def deliver(fut: asyncio.Future) -> int:
+        seen.append("started")
+        try:
+            v = await fut
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        await asyncio.sleep(0)
+        return v * 2
+
+    room = loop.create_future()
+    coro = deliver(room)
+    task = asyncio.ensure_future(_Resumed(coro, coro.send(None)))
+    await asyncio.sleep(0)
+    assert not task.done() and seen == ["started"]  # not run a second time from the start
+    room.set_result(21)
+    assert await task == 42
+
+    never = loop.create_future()
+    coro = deliver(never)
+    task = asyncio.ensure_future(_Resumed(coro, coro.send(None)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == ["started", "started", "cancelled"]
