@@ -95,13 +95,15 @@ async def raw_read(topic: str, n: int) -> float:
         await c.stop()
 
 
-def bare_faust(topic: str, n: int) -> float:
-    env = {**os.environ, "BARE_TOPIC": topic, "BARE_COUNT": str(n), "BARE_BOOTSTRAP": BOOTSTRAP}
+def bare_faust(topic: str, n: int, consumer: str = "faust") -> float:
+    """A bare agent's rate on faust's own consumer, or ("leadledger") on the processor's."""
+    env = {**os.environ, "BARE_TOPIC": topic, "BARE_COUNT": str(n), "BARE_BOOTSTRAP": BOOTSTRAP,
+           "BARE_CONSUMER": consumer}
     try:
         out = subprocess.run([sys.executable, "-m", "bench.faust_bare", "worker", "--without-web", "-l", "warn"],
                              cwd=ROOT, env=env, capture_output=True, timeout=240)
     finally:
-        shutil.rmtree(f"/tmp/faust-bare-{topic}", ignore_errors=True)
+        shutil.rmtree(f"/tmp/faust-bare-{topic}-{consumer}", ignore_errors=True)
     text = out.stdout.decode() + out.stderr.decode()  # faust routes stdout through its logger
     found = re.findall(r'\{"events":\d+,"seconds":[0-9.e-]+\}', text)
     if not found:
@@ -355,6 +357,8 @@ async def main_async(a: argparse.Namespace) -> None:
         raw = await raw_read(topic, len(events))
         say("bare faust")
         bare = bare_faust(topic, len(events))
+        say("bare faust on the processor's consumer")
+        bare_ll = bare_faust(topic, len(events), "leadledger")
         say("processor, 1 worker")
         one, one_s, one_how = await processor_rate(events, a.partitions, 1, logdir, a.commit_interval, created)
         say("processor, 2 workers")
@@ -380,6 +384,8 @@ async def main_async(a: argparse.Namespace) -> None:
           f"subjects) over {a.partitions} partitions; worker logs in {logdir}")
     print(f"(a) raw aiokafka consumer (read only):       {raw:10.0f} events/s")
     print(f"(b) bare faust agent (iterate only):         {bare:10.0f} events/s   ({bare / raw:.1%} of raw)")
+    print(f"    the same agent on the processor's consumer: {bare_ll:10.0f} events/s   ({bare_ll / bare - 1:+.1%}; the "
+          f"processor is {one / bare_ll:.1%} of it)")
     print(f"(c) processor, 1 worker, end to end:         {one:10.0f} events/s   ({one / bare:.1%} of bare faust; "
           f"goal ≥ 40%)  [{one_s:.1f} s, end: {one_how}]")
     print(f"(d) processor, 2 workers, end to end:        {two:10.0f} events/s   ({two / one - 1:+.1%} vs 1 worker; "

@@ -2,6 +2,8 @@
 
 Run: BARE_TOPIC=... BARE_COUNT=N python -m bench.faust_bare worker --without-web -l warn
 Prints one JSON line {"events": N, "seconds": s} (first event to N-th event) and exits.
+BARE_CONSUMER=leadledger runs it on the processor's consumer (`services.processor._FetchConsumer`: its fetch wait
+and its fetch loop without faust's per-record tasks) instead of faust's own.
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ import orjson
 
 topic_name = os.environ["BARE_TOPIC"]
 count = int(os.environ["BARE_COUNT"])
-app = faust.App(f"bare-{topic_name}", broker=f"kafka://{os.environ.get('BARE_BOOTSTRAP', '127.0.0.1:9092')}",
+consumer = os.environ.get("BARE_CONSUMER", "faust")
+app = faust.App(f"bare-{topic_name}-{consumer}", broker=f"kafka://{os.environ.get('BARE_BOOTSTRAP', '127.0.0.1:9092')}",
                 key_serializer="raw", value_serializer="raw", web_enabled=False,
                 consumer_auto_offset_reset="earliest",
-                datadir=f"/tmp/faust-bare-{topic_name}")
+                datadir=f"/tmp/faust-bare-{topic_name}-{consumer}")
+if consumer == "leadledger":
+    from services.processor import _FetchConsumer
+
+    app.transport.Consumer = _FetchConsumer  # type: ignore[misc]
 topic = app.topic(topic_name, key_type=bytes, value_type=bytes)
 
 
