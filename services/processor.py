@@ -348,6 +348,18 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 partition_of[(topic, k)] = prod._partition(topic, None, None, None, k, None)
         return await asyncio.gather(*futs)
 
+    warmed: list[asyncio.Task] = []
+
+    async def warm_up() -> None:
+        """Learn every output topic's partitions before the first batch: otherwise the first record to each topic
+        waits for a metadata round trip of its own, and the first hand-off after a start waited ~1 s for them."""
+        if not warmed:
+            prod = app.producer._ensure_producer()
+            names = [*out_names.values(), by_lead_name, by_anon_name, identity.changelog_topic.get_topic_name(),
+                     leads.changelog_topic.get_topic_name()]
+            warmed.append(asyncio.ensure_future(asyncio.gather(*(prod.partitions_for(n) for n in names))))
+        await warmed[0]
+
     # the default partitioner's choice per (topic, key): a pure-Python murmur2 per record otherwise. Partition
     # counts are fixed (co-partitioning depends on it); a key is looked up once the topic's metadata is known
     partition_of: dict[tuple[str, bytes], int] = {}
@@ -535,6 +547,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
     @app.agent(stage1_in, name="identity")
     async def identity_agent(stream: faust.StreamT) -> Any:
         async with _crash_worker_on_error():
+            await warm_up()
             async for batch in stream.take_events(batch_size, within=batch_within):
                 sends: list[tuple[str, bytes, bytes]] = []
                 requests: list[tuple[str, bytes, bytes]] = []
@@ -610,6 +623,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
     @app.agent(by_lead, name="leads")
     async def lead_agent(stream: faust.StreamT) -> Any:
         async with _crash_worker_on_error():
+            await warm_up()
             async for batch in stream.take_events(batch_size, within=batch_within):
                 guard_commits_once()
                 sends: list[tuple[str, bytes, bytes]] = []
