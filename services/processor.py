@@ -788,9 +788,9 @@ def _stop_hard(reason: str) -> None:
 
 
 def _exit_now(code: int) -> None:
-    """Exit like SIGKILL, which the processor is built to survive. Not faust's graceful stop: that finalises the
-    agent's batch iterator, which acks the batch in flight, and commits on the way down — a half-done batch (or
-    one past records faust skipped) would be committed and lost."""
+    """Exit like SIGKILL, which the processor is built to survive. Not faust's graceful stop: that commits on the way
+    down, after a stop of ours for a reason that makes the commit suspect (records faust skipped, a stall). (faust's
+    own batch iterators also ack the batch in flight when they are finalised; `_ready_batches` does not.)"""
     for h in logging.getLogger().handlers + log.handlers:
         h.flush()
     sys.stderr.flush()
