@@ -2,7 +2,7 @@
 
 Run: BARE_TOPIC=... BARE_COUNT=N python -m bench.faust_bare worker --without-web -l warn
 Prints one JSON line {"events": N, "seconds": s} (first event to N-th event) and exits.
-BARE_CONSUMER=leadledger runs it on the processor's consumer (`services.processor._FetchConsumer`: its fetch wait
+BARE_CONSUMER=leadledger runs it on the processor's consumer (`services.faust_consumer.FetchConsumer`: its fetch wait
 and its fetch loop without faust's per-record tasks) instead of faust's own.
 """
 
@@ -23,9 +23,9 @@ app = faust.App(f"bare-{topic_name}-{consumer}", broker=f"kafka://{os.environ.ge
                 consumer_auto_offset_reset="earliest",
                 datadir=f"/tmp/faust-bare-{topic_name}-{consumer}")
 if consumer == "leadledger":
-    from services.processor import _FetchConsumer
+    from services.faust_consumer import FetchConsumer
 
-    app.transport.Consumer = _FetchConsumer  # type: ignore[misc]
+    app.transport.Consumer = FetchConsumer  # type: ignore[misc]
 topic = app.topic(topic_name, key_type=bytes, value_type=bytes)
 
 

@@ -185,10 +185,10 @@ def test_an_empty_active_set_is_not_every_partition() -> None:
     it a live view of faust's active partitions that stays "none" when empty."""
     from faust.types import TP
 
-    from services.processor import _NeverAll
+    from services.faust_consumer import NeverAll
 
     live: set[TP] = {TP("touchpoints", 0)}
-    view = _NeverAll(live)
+    view = NeverAll(live)
     assert view and TP("touchpoints", 0) in view
     live.clear()  # faust empties its set while a fetch waits
     assert view and TP("touchpoints", 0) not in view
@@ -196,8 +196,8 @@ def test_an_empty_active_set_is_not_every_partition() -> None:
 
 async def test_a_started_delivery_is_finished_as_awaiting_it_would() -> None:
     """The processor's fetch loop runs faust's per-record callback directly and hands it to a task (faust's
-    `wait_first`) only when it suspends: `_Resumed` must continue it from there, results and cancellation alike."""
-    from services.processor import _Resumed
+    `wait_first`) only when it suspends: `Resumed` must continue it from there, results and cancellation alike."""
+    from services.faust_consumer import Resumed
 
     loop = asyncio.get_running_loop()
     seen: list[Any] = []
@@ -214,7 +214,7 @@ async def test_a_started_delivery_is_finished_as_awaiting_it_would() -> None:
 
     room = loop.create_future()
     coro = deliver(room)
-    task = asyncio.ensure_future(_Resumed(coro, coro.send(None)))
+    task = asyncio.ensure_future(Resumed(coro, coro.send(None)))
     await asyncio.sleep(0)
     assert not task.done() and seen == ["started"]  # not run a second time from the start
     room.set_result(21)
@@ -222,7 +222,7 @@ async def test_a_started_delivery_is_finished_as_awaiting_it_would() -> None:
 
     never = loop.create_future()
     coro = deliver(never)
-    task = asyncio.ensure_future(_Resumed(coro, coro.send(None)))
+    task = asyncio.ensure_future(Resumed(coro, coro.send(None)))
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
