@@ -72,6 +72,7 @@ class QuietWorker(faust.Worker):
 def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_id: str | None = None,
                batch_size: int | None = None) -> faust.App:
     cfg = cfg or load_settings()
+    # the most records per batch; a batch is what is ready (`faust_consumer.ready_batches`)
     batch_size = batch_size or int(os.environ.get("LEADLEDGER_BATCH_SIZE", "500"))
     os.makedirs(os.path.join(ROOT, "var", "processor"), exist_ok=True)
     book = rules or RuleBook.from_paths(list(cfg.rules_paths) or default_rules_paths())
@@ -103,7 +104,8 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         stream_wait_empty=False,
         Worker=QuietWorker,
     )
-    app.transport.Consumer = faust_consumer.FetchConsumer  # type: ignore[misc]  # before the consumer exists (created lazily)
+    # before the consumer exists (created lazily)
+    app.transport.Consumer = faust_consumer.FetchConsumer  # type: ignore[misc]
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -575,7 +577,8 @@ def _stop_hard(reason: str) -> None:
 def _exit_now(code: int) -> None:
     """Exit like SIGKILL, which the processor is built to survive. Not faust's graceful stop: that commits on the way
     down, after a stop of ours for a reason that makes the commit suspect (records faust skipped, a stall). (faust's
-    own batch iterators also ack the batch in flight when they are finalised; `faust_consumer.ready_batches` does not.)"""
+    own batch iterators also ack the batch in flight when they are finalised; `faust_consumer.ready_batches` does
+    not.)"""
     for h in logging.getLogger().handlers + log.handlers:
         h.flush()
     sys.stderr.flush()
