@@ -7,6 +7,7 @@ the cache. PostgreSQL comes from Debian's packages (installed with apt-get when 
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -132,6 +133,16 @@ def _server_properties(cfg: InfraConfig) -> str:
     ])
 
 
+def kafka_cluster_id() -> str:
+    """A new KRaft cluster id: a random UUID, base64url without padding, as Kafka's `Uuid.randomUuid()` makes it —
+    never starting with "-", which the storage tool's argument parser reads as an option (1 id in 64 did, and
+    `format` failed: "argument --cluster-id/-t: expected one argument")."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def _java_cmd(cfg: InfraConfig, main: str, *args: str) -> list[str]:
     return [
         "java", "-Xms256m", "-Xmx1g", "-XX:+UseG1GC",
@@ -163,10 +174,7 @@ def kafka_up(cfg: InfraConfig, timeout_s: float = 240) -> None:
     props = cfg.kafka_dir / "server.properties"
     props.write_text(_server_properties(cfg))
     if not (cfg.kafka_dir / "data" / "meta.properties").exists():
-        cluster_id = uuid.uuid4().bytes
-        import base64
-        cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
-        subprocess.run(_java_cmd(cfg, "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props)),
+        subprocess.run(_java_cmd(cfg, "kafka.tools.StorageTool", "format", "-t", kafka_cluster_id(), "-c", str(props)),
                        check=True, stdout=subprocess.DEVNULL)
     out = open(cfg.kafka_dir / "logs" / "stdout.log", "ab")
     proc = subprocess.Popen(_java_cmd(cfg, "kafka.Kafka", str(props)), stdout=out, stderr=subprocess.STDOUT,

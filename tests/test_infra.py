@@ -62,3 +62,14 @@ async def test_record_offsets_tells_records_from_transaction_markers(kafka_boots
     assert await record_offsets(kafka_bootstrap, topic, 0, first, first + 5) == set(offsets)
     assert await record_offsets(kafka_bootstrap, topic, 0, first + 1, first + 2) == set()
     assert await record_offsets(kafka_bootstrap, topic, 0, first + 1, first + 4) == {first + 2}
+
+
+def test_cluster_ids_never_read_as_an_option() -> None:
+    """1 random id in 64 starts with "-" in base64url, which the storage tool's parser took for an option: `format`
+    failed and CI with it. Every id made here is a 16-byte UUID in Kafka's form and starts with something else."""
+    import base64
+
+    ids = [infra.kafka_cluster_id() for _ in range(5000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(i) == 22 and len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids)
+    assert len(set(ids)) == len(ids)
