@@ -174,6 +174,7 @@ def _time_runs(a: argparse.Namespace, topics: Topics, n: int | None) -> int:
     runs += [(f"back-test fold, one book, --jobs {j}:", [base], j) for j in jobs if j > 1]
     runs += [(f"back-test, two books, --jobs {j}:", [base, loose], j) for j in jobs]
     for label, books, jobs in runs:
+        gc.collect()  # the previous run's garbage is not this one's to collect
         t0, c0 = time.perf_counter(), time.process_time()
         out = fold_books(a.bootstrap, topics, books, jobs)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
