@@ -1,22 +1,22 @@
 """faust-streaming 0.15.3's consumer and stream batching, as the processor needs them (`services.processor`).
 
 - `FetchConsumer`: faust's aiokafka consumer with a short fetch wait, input partitions held back until the flow
-  resumes after a table recovery, an active-partition set aiokafka cannot read as "all", and a fetch loop that runs
-  faust's per-record callback directly instead of through four tasks per record. Each fix's docstring says what it
-  mends and how it was found (docs/design.md has the measurements).
+  resumes after a table recovery, an active-partition set aiokafka cannot read as "all", and faust's per-record
+  callback run directly instead of through four tasks per record. Each fix's docstring says what it mends and how
+  it was found (docs/design.md has the measurements).
 - `ready_batches`: a stream's events in batches of what is ready, acked only when the next batch is asked for.
 """
 
 from __future__ import annotations
 
-import asyncio
+import inspect
 import os
 from typing import Any, AsyncIterator
 
 import faust
-from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+from mode.services import WaitResults
 
 FETCH_MAX_WAIT_MS = int(os.environ.get("LEADLEDGER_FETCH_MAX_WAIT_MS", "20"))
 
@@ -111,75 +111,24 @@ class FetchConsumer(faust_aiokafka.Consumer):
             assigned = self.assignment()
             super().resume_partitions({tp for tp in held if tp in assigned})
 
-    async def _drain_messages(self, fetcher: Any) -> None:
-        """faust-streaming 0.15.3's fetch loop (`Consumer._drain_messages`), with one change: each record is handed
-        to the streams by running faust's callback directly, not through `wait_first(callback, suspend_flow.wait())`,
-        which creates four tasks and an `asyncio.wait` per record (a sixth of the worker's time at full load). The
-        callback usually finishes without suspending (the stream queue has room); only when it does suspend (a
-        full queue, or the flow suspended) is it finished faust's way, abandoned if the flow is suspended meanwhile.
-        Everything else — read offsets, gaps, commits, stop checks — is faust's code as it stands."""
-        callback = self.callback
-        getmany = self.getmany
-        consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
-        flag_consumer_fetching = faust_consumer.CONSUMER_FETCHING
-        set_flag = self.diag.set_flag
-        unset_flag = self.diag.unset_flag
-        commit_every = self._commit_every
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        yield_every = 100
-        num_since_yield = 0
-        sleep = asyncio.sleep
-        try:
-            while not (consumer_should_stop() or fetcher_should_stop()):
-                set_flag(flag_consumer_fetching)
-                ait = getmany(timeout=1.0)
-                await self.sleep(0)  # faust: getmany can run in a loop without releasing the event loop
-                if not self.should_stop:
-                    async for tp, message in ait:
-                        num_since_yield += 1
-                        if num_since_yield > yield_every:
-                            await sleep(0)
-                            num_since_yield = 0
-                        offset = message.offset
-                        r_offset = get_read_offset(tp)
-                        if r_offset is None or offset >= r_offset:
-                            gap = offset - (r_offset or 0)
-                            if gap > 1 and r_offset:
-                                if acks_enabled_for(message.topic):
-                                    await self._add_gap(tp, r_offset + 1, offset)
-                            if commit_every is not None:
-                                if self._n_acked >= commit_every:
-                                    self._n_acked = 0
-                                    await self.commit()
-                            delivering = callback(message)
-                            try:
-                                first = delivering.send(None)
-                            except StopIteration:
-                                pass  # delivered without waiting
-                            else:
-                                await self.wait_first(Resumed(delivering, first), self.suspend_flow.wait())
-                            set_read_offset(tp, offset)
-                        else:
-                            self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
-                    unset_flag(flag_consumer_fetching)
-        except self.consumer_stopped_errors:
-            if self.transport.app.should_stop:
-                self.log.info("Broker stopped consumer, shutting down...")
-                return
-            raise
-        except asyncio.CancelledError:
-            if self.transport.app.should_stop:
-                self.log.info("Consumer shutting down for user cancel.")
-                return
-            raise
-        except Exception as exc:
-            self.log.exception("Drain messages raised: %r", exc)
-            raise
-        finally:
-            unset_flag(flag_consumer_fetching)
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> WaitResults:
+        """faust's fetch loop (`Consumer._drain_messages`) hands every record to the streams with
+        `wait_first(callback(message), suspend_flow.wait())`: four tasks and an `asyncio.wait` per record (a sixth
+        of a worker's time at full load), and it is the only caller with two awaitables. The callback usually
+        finishes without suspending (the stream queue has room), so it is run here first; only if it suspends (a
+        full queue, the flow suspended) is it finished faust's way, in a task the suspend flag can abandon. Every
+        other wait, and any wait once the consumer stops or crashed, is faust's."""
+        first = coros[0] if coros else None
+        if len(coros) == 2 and timeout is None and inspect.iscoroutine(first) \
+                and not (self._stopped.is_set() or self._crashed.is_set()):
+            try:
+                step = first.send(None)
+            except StopIteration as done:
+                if inspect.iscoroutine(coros[1]):
+                    coros[1].close()  # the suspend flag's wait, never started: not "never awaited"
+                return WaitResults([first], [done.value], False)
+            coros = (Resumed(first, step), coros[1])
+        return await super().wait_first(*coros, timeout=timeout)
 
 
 class Resumed:

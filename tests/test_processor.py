@@ -228,3 +228,53 @@ async def test_a_started_delivery_is_finished_as_awaiting_it_would() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert seen == ["started", "started", "cancelled"]
+
+
+async def test_the_fetch_loops_wait_runs_a_delivery_in_place_and_a_waiting_one_as_faust_does() -> None:
+    """faust's fetch loop waits on `wait_first(callback(message), suspend_flow.wait())` for every record. The
+    processor's consumer runs a callback that need not wait in place (no tasks); one that waits is finished in a task
+    that the suspend flag still abandons. No broker needed: the consumer is never started."""
+    import gc
+    import warnings
+
+    from services.processor import create_app
+
+    consumer = create_app(app_id=f"proc-unit-{uuid.uuid4().hex[:8]}").consumer
+    loop = asyncio.get_running_loop()
+    flow_suspended = asyncio.Event()
+    seen: list[str] = []
+
+    async def deliver(room: asyncio.Future | None) -> str:
+        seen.append("started")
+        if room is not None:
+            try:
+                return await room
+            except asyncio.CancelledError:
+                seen.append("abandoned")
+                raise
+        return "queued"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loop.call_soon(seen.append, "the loop ran")
+        r = await consumer.wait_first(deliver(None), flow_suspended.wait())
+        assert r.results == ["queued"] and not r.stopped
+        assert seen == ["started"]  # delivered without giving the event loop a turn: no task, no asyncio.wait
+        await asyncio.sleep(0)
+        seen.remove("the loop ran")
+        gc.collect()  # the unstarted flag wait was closed: no "never awaited" warning
+
+    room = loop.create_future()
+    waiting = asyncio.ensure_future(consumer.wait_first(deliver(room), flow_suspended.wait()))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    room.set_result("queued later")
+    assert (await waiting).results == ["queued later"]
+
+    never = loop.create_future()
+    waiting = asyncio.ensure_future(consumer.wait_first(deliver(never), flow_suspended.wait()))
+    await asyncio.sleep(0)
+    flow_suspended.set()
+    r = await waiting
+    await asyncio.sleep(0)
+    assert r.results == [True] and seen == ["started", "started", "started", "abandoned"]
