@@ -174,8 +174,8 @@ def kafka_up(cfg: InfraConfig, timeout_s: float = 240) -> None:
     props = cfg.kafka_dir / "server.properties"
     props.write_text(_server_properties(cfg))
     if not (cfg.kafka_dir / "data" / "meta.properties").exists():
-        subprocess.run(_java_cmd(cfg, "kafka.tools.StorageTool", "format", "-t", kafka_cluster_id(), "-c", str(props)),
-                       check=True, stdout=subprocess.DEVNULL)
+        fmt = ["format", "-t", kafka_cluster_id(), "-c", str(props)]
+        subprocess.run(_java_cmd(cfg, "kafka.tools.StorageTool", *fmt), check=True, stdout=subprocess.DEVNULL)
     out = open(cfg.kafka_dir / "logs" / "stdout.log", "ab")
     proc = subprocess.Popen(_java_cmd(cfg, "kafka.Kafka", str(props)), stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -152,17 +152,14 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 partition_of[(topic, k)] = prod._partition(topic, None, None, None, k, None)
         return await asyncio.gather(*futs)
 
-    warmed: list[asyncio.Task] = []
-
     async def warm_up() -> None:
         """Learn every output topic's partitions before the first batch: otherwise the first record to each topic
-        waits for a metadata round trip of its own, and the first hand-off after a start waited ~1 s for them."""
-        if not warmed:
-            prod = app.producer._ensure_producer()
-            names = [*out_names.values(), by_lead_name, by_anon_name, identity.changelog_topic.get_topic_name(),
-                     leads.changelog_topic.get_topic_name()]
-            warmed.append(asyncio.ensure_future(asyncio.gather(*(prod.partitions_for(n) for n in names))))
-        await warmed[0]
+        waits for a metadata round trip of its own, and the first hand-off after a start waited ~1 s for them.
+        (Each agent calls it; once the metadata is known, the second call returns at once.)"""
+        prod = app.producer._ensure_producer()
+        names = [*out_names.values(), by_lead_name, by_anon_name, identity.changelog_topic.get_topic_name(),
+                 leads.changelog_topic.get_topic_name()]
+        await asyncio.gather(*(prod.partitions_for(n) for n in names))
 
     # the default partitioner's choice per (topic, key): a pure-Python murmur2 per record otherwise. Partition
     # counts are fixed (co-partitioning depends on it); a key is looked up once the topic's metadata is known
