@@ -43,7 +43,6 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 
 from bench.gen_history import generate
 from projections.fold import normalise_email
@@ -51,7 +50,7 @@ from services.config import Settings
 from services.derived_reader import topic_partitions
 from services.ingest import IngestConfig, create_app
 from services.kafka_io import ensure_topics, produce_events
-from tests.streaming import Worker, settings_for, topic_env
+from tests.streaming import Worker, committed_up_to, settings_for, topic_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP = os.environ.get("LEADLEDGER_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
@@ -192,23 +191,13 @@ async def wait_done(group: str, cfg: Settings, workers: list[Worker], timeout: f
         in_tps = [tp for name in inputs for tp in await topic_partitions(c, name)]
         down_tps = [tp for name in downstream for tp in await topic_partitions(c, name)]
         all_tps = sorted(set(in_tps) | set(down_tps))
-
-        async def caught_up(end: dict) -> bool:
-            try:
-                committed = await admin.list_consumer_group_offsets(group)
-            except KafkaError as e:
-                if not e.retriable:
-                    raise
-                return False  # the coordinator is not up yet
-            return all(end[tp] == 0 or (tp in committed and committed[tp].offset >= end[tp]) for tp in in_tps)
-
         end_at = time.monotonic() + timeout
         stable, last_sum, quiet_since = 0, -1, time.monotonic()
         while time.monotonic() < end_at:
             for w in workers:
                 w.check_alive()
             end = await c.end_offsets(all_tps)
-            stable = stable + 1 if await caught_up(end) else 0
+            stable = stable + 1 if await committed_up_to(admin, group, {tp: end[tp] for tp in in_tps}) else 0
             if stable >= 2:
                 return "committed"
             s = sum(end[tp] for tp in down_tps)

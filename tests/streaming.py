@@ -103,24 +103,26 @@ async def group_caught_up(bootstrap: str, group: str, topics: list[str]) -> bool
     await admin.start()
     await consumer.start()
     try:
-        try:
-            committed = await admin.list_consumer_group_offsets(group)
-        except KafkaError as e:
-            if not e.retriable:
-                raise
-            return False  # the group's coordinator is not up yet (a fresh broker's offsets topic): not caught up
         tps = [tp for t in topics for tp in await topic_partitions(consumer, t)]
-        end = await consumer.end_offsets(tps)
-        for tp in tps:
-            if end[tp] == 0:
-                continue
-            meta = committed.get(tp)
-            if meta is None or meta.offset < end[tp]:
-                return False
-        return True
+        return await committed_up_to(admin, group, await consumer.end_offsets(tps))
     finally:
         await consumer.stop()
         await admin.close()
+
+
+async def committed_up_to(admin: AIOKafkaAdminClient, group: str, end: dict) -> bool:
+    """True when `group` has committed `end` (partition -> end offset) for every partition that holds records."""
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    except KafkaError as e:
+        if not e.retriable:
+            raise
+        return False  # the group's coordinator is not up yet (a fresh broker's offsets topic): not caught up
+    for tp, offset in end.items():
+        meta = committed.get(tp)
+        if offset and (meta is None or meta.offset < offset):
+            return False
+    return True
 
 
 async def wait_caught_up(bootstrap: str, group: str, topics: list[str], timeout: float = 120.0,
