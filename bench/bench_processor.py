@@ -50,7 +50,7 @@ from services.config import Settings
 from services.derived_reader import topic_partitions
 from services.ingest import IngestConfig, create_app
 from services.kafka_io import ensure_topics, produce_events
-from tests.streaming import Worker, committed_up_to, settings_for, topic_env
+from tests.streaming import Worker, committed_up_to, offset_clients, settings_for, topic_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP = os.environ.get("LEADLEDGER_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
@@ -183,11 +183,7 @@ async def wait_done(group: str, cfg: Settings, workers: list[Worker], timeout: f
     t = cfg.topics
     inputs = [t.touchpoints, t.by_anon, t.by_lead]
     downstream = [t.by_anon, t.by_lead, t.scores, t.stages, t.handoffs, t.intent_alerts, t.rejected]
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    c = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False)
-    await admin.start()
-    await c.start()
-    try:
+    async with offset_clients(BOOTSTRAP) as (admin, c):
         in_tps = [tp for name in inputs for tp in await topic_partitions(c, name)]
         down_tps = [tp for name in downstream for tp in await topic_partitions(c, name)]
         all_tps = sorted(set(in_tps) | set(down_tps))
@@ -206,9 +202,6 @@ async def wait_done(group: str, cfg: Settings, workers: list[Worker], timeout: f
             elif time.monotonic() - quiet_since > 20:
                 return "quiet"
             await asyncio.sleep(0.5)
-    finally:
-        await c.stop()
-        await admin.close()
     raise RuntimeError(f"processor group {group} did not finish within {timeout}s")
 
 

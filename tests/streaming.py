@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -96,18 +97,25 @@ async def read_all(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     return await read_topic(bootstrap, topic, dedupe=False)
 
 
-async def group_caught_up(bootstrap: str, group: str, topics: list[str]) -> bool:
-    """True when `group` has committed the end offset of every partition of `topics`."""
+@contextlib.asynccontextmanager
+async def offset_clients(bootstrap: str) -> AsyncIterator[tuple[AIOKafkaAdminClient, AIOKafkaConsumer]]:
+    """An admin client (committed offsets) and a consumer (end offsets), started, stopped on the way out."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await admin.start()
     await consumer.start()
     try:
-        tps = [tp for t in topics for tp in await topic_partitions(consumer, t)]
-        return await committed_up_to(admin, group, await consumer.end_offsets(tps))
+        yield admin, consumer
     finally:
         await consumer.stop()
         await admin.close()
+
+
+async def group_caught_up(bootstrap: str, group: str, topics: list[str]) -> bool:
+    """True when `group` has committed the end offset of every partition of `topics`."""
+    async with offset_clients(bootstrap) as (admin, consumer):
+        tps = [tp for t in topics for tp in await topic_partitions(consumer, t)]
+        return await committed_up_to(admin, group, await consumer.end_offsets(tps))
 
 
 async def committed_up_to(admin: AIOKafkaAdminClient, group: str, end: dict) -> bool:
