@@ -13,12 +13,13 @@
 
 (1) and (2) read a backlog. For (3) and (4) the workers start on empty topics with unique names, the benchmark
 waits until the consumer group is stable with every worker in it, then writes the same history to `touchpoints`
-(the producer shares the CPUs for the first seconds); the rate is input events / (first touchpoint's broker
+(`services.kafka_io.produce_events`: batches per partition, in event order, ≈ 9 µs of CPU per record; it shares
+the CPUs for the first second or so); the rate is input events / (first touchpoint's broker
 timestamp → last derived event's broker timestamp), read back with a read_committed consumer. Every worker and
 consumer stops by itself (bounded waits); the run's topics are deleted at the end (--keep-topics to keep them).
 
 Run under the shared lock: flock /tmp/leadledger-bench.lock .venv/bin/python -m bench.bench_processor
-    [--events 50000] [--partitions 8] [--latency-seconds 60] [--latency-rate 1000] [--floor-rate 200]
+    [--events 50000] [--partitions 12] [--latency-seconds 60] [--latency-rate 1000] [--floor-rate 200]
     [--latency-warmup 3] [--commit-interval 0.5] [--relaxed-commit-interval 5] [--keep-topics]
 """
 
@@ -431,7 +432,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, default=50000,
                    help="history size; the processor runs three times over it, at well under 1,000 events/s here")
-    p.add_argument("--partitions", type=int, default=8)
+    p.add_argument("--partitions", type=int, default=Settings().partitions,
+                   help="partitions of every topic (default: LEADLEDGER_PARTITIONS, else 12 = the service's)")
     p.add_argument("--latency-seconds", type=float, default=60.0)
     p.add_argument("--latency-rate", type=int, default=1000, help="events/s of the latency run")
     p.add_argument("--latency-workers", type=int, default=1, help="processor workers of the latency runs")

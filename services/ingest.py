@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import functools
 import hashlib
 import hmac
 import logging
@@ -41,7 +40,6 @@ from urllib.parse import parse_qsl
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -217,7 +215,7 @@ class Ingest:
                         env.received_at = self._next_received_at()
                         key = subject_key(env).encode("utf-8")
                         futures.append(await producer.send(topic, encode(env), key=key,
-                                                           partition=partition_for(key, n) if n else None))
+                                                           partition=kafka_io.partition_for(key, n) if n else None))
             done, pending = await asyncio.wait(futures, timeout=max(0.0, deadline - loop.time()))
             failed = [f.exception() for f in done if f.exception() is not None]
             if pending or failed:
@@ -230,12 +228,6 @@ class Ingest:
             raise Unavailable(type(exc).__name__) from exc
         finally:
             self.metrics.produce.observe(time.perf_counter() - t0)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def partition_for(key: bytes, partitions: int) -> int:
-    """aiokafka's / Java's default partitioner (murmur2), memoised: subjects repeat, murmur2 is pure Python."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def _consume_exception(f: asyncio.Future) -> None:

@@ -262,7 +262,7 @@ async def test_readyz_and_metrics(kafka_bootstrap: str, unique: str) -> None:
 def test_partition_for_matches_default_partitioner() -> None:
     from aiokafka.partitioner import DefaultPartitioner
 
-    from services.ingest import partition_for
+    from services.kafka_io import partition_for
     for i in range(500):
         key = f"lead-{i}@example.com".encode()
         for n in (1, 3, 12):
