@@ -15,10 +15,19 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
+# The largest record any topic of ours takes (each topic's max.message.bytes, the processor's producer request limit).
+# A lead's state is one record on the `leads` changelog, an anonymous visitor's on `identity`'s and in a join answer
+# on the lead-keyed log: it holds the attributes (200 a touchpoint, values up to 4,000 characters), a day's capped
+# contributions per active day and rule, and the records a lead holds back while its join is answered. Kafka's
+# default of 1 MiB was reached by a lead of two attribute updates, and by one of ~11,600 events during a catch-up;
+# over it the worker stopped on every restart.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+
 
 async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
                         compacted: Iterable[str] = ()) -> None:
-    """Create the topics that do not exist yet (infinite retention; compaction where asked)."""
+    """Create the topics that do not exist yet (infinite retention; records up to MAX_RECORD_BYTES; compaction where
+    asked)."""
     compacted = set(compacted)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     await admin.start()
@@ -26,7 +35,7 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
         existing = set(await admin.list_topics())
         new = [
             NewTopic(name, num_partitions=partitions, replication_factor=1,
-                     topic_configs={"retention.ms": "-1",
+                     topic_configs={"retention.ms": "-1", "max.message.bytes": str(MAX_RECORD_BYTES),
                                     "cleanup.policy": "compact" if name in compacted else "delete"})
             for name in names if name not in existing
         ]
@@ -143,6 +152,7 @@ def partition_for(key: bytes, partitions: int) -> int:
 def make_producer(bootstrap: str, **overrides) -> AIOKafkaProducer:
     """An idempotent producer (acks=all): a retried send never writes a message twice."""
     opts = dict(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=5,
-                max_batch_size=262144, request_timeout_ms=10000, compression_type=None)
+                max_batch_size=262144, request_timeout_ms=10000, compression_type=None,
+                max_request_size=MAX_RECORD_BYTES)
     opts.update(overrides)
     return AIOKafkaProducer(**opts)

@@ -101,6 +101,7 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         # a few KiB each): the producer keeps one request in flight per broker, so 16 KiB batches queued behind
         # each other cost a broker round trip each
         producer_max_batch_size=256 * 1024,
+        producer_max_request_size=kafka_io.MAX_RECORD_BYTES,  # a lead's state is one record (kafka_io says why)
         stream_wait_empty=False,
         Worker=QuietWorker,
     )
@@ -124,10 +125,11 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         "event_rejected": topic(t.rejected),
     }
     # bytes keys and values with the app's raw serializers; use_partitioner: written once per batch
+    big = {"max.message.bytes": str(kafka_io.MAX_RECORD_BYTES)}  # their changelog records are whole states
     identity = app.Table("identity", default=None, key_type=bytes, value_type=bytes, partitions=cfg.partitions,
-                         use_partitioner=True)
+                         use_partitioner=True, extra_topic_configs=big)
     leads = app.Table("leads", default=None, key_type=bytes, value_type=bytes, partitions=cfg.partitions,
-                      use_partitioner=True)
+                      use_partitioner=True, extra_topic_configs=big)
     rejected = out_topics["event_rejected"]
 
     out_names = {k: v.get_topic_name() for k, v in out_topics.items()}
@@ -626,7 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     # events/s 1.4-1.6 s with them, 0.54-0.61 s with these (bench_processor, two alternated pairs, docs/design.md).
     # Nothing here relies on the GC: states and records hold no cycles, reference counting frees them.
     gc.set_threshold(50_000, 20, 100)
-    app = create_app()
+    cfg = load_settings()
+    app = create_app(cfg)
+    # faust declares a table's changelog only when the topic is missing, and the worker's first metadata request for
+    # it already made the broker auto-create it with the broker's defaults (deleted, not compacted: a restart's
+    # recovery read every state ever written; records up to 1 MiB). Declared here first, as a changelog should be.
+    changelogs = [table.changelog_topic.get_topic_name() for table in app.tables.values()]
+    asyncio.run(kafka_io.ensure_topics(cfg.bootstrap, changelogs, cfg.partitions, compacted=changelogs))
     sys.argv = ["leadledger-processor", "worker", "-l", a.loglevel, "--without-web"]
     profile_to = os.environ.get("LEADLEDGER_PROFILE")  # cProfile the worker until it stops (bench/profiling)
     if not profile_to:

@@ -11,13 +11,15 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from projections.fold import Ledger
 from projections.rules import RuleBook
 from services.demo import API_KEY, journeys
 from services.derived_reader import latest_by_lead, read_topic
 from services.ingest import IngestConfig, create_app
-from services.kafka_io import ensure_topics, make_producer
+from services.kafka_io import MAX_RECORD_BYTES, ensure_topics, make_producer, produce_events
 from services.processor import default_rules_paths
 from tests.conftest import wait_for
 from tests.streaming import Worker, settings_for, topic_env, wait_caught_up
@@ -279,3 +281,46 @@ async def test_the_fetch_loops_wait_runs_a_delivery_in_place_and_a_waiting_one_a
     r = await waiting
     await asyncio.sleep(0)
     assert r.results == [True] and seen == ["started", "started", "started", "abandoned"]
+
+
+async def test_a_lead_state_over_a_mebibyte_is_stored(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    """Two attribute updates the ingest API accepts (200 attributes of up to 4,000 characters each) make a lead's
+    state ≈ 1.4 MiB, one record on the `leads` changelog: over Kafka's default limit of 1 MiB the worker stopped on
+    every restart. It is stored, and the lead goes on being scored."""
+    env = topic_env(unique)
+    cfg = settings_for(env, kafka_bootstrap)
+    await ensure_topics(kafka_bootstrap, cfg.topics.all(), cfg.partitions)
+    lead = f"big-{unique}"
+    t0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
+    events = [_touchpoint(f"{unique}-a{i}", "attribute_updated", t0 + timedelta(minutes=i), lead_id=lead,
+                          payload={"attributes": {f"note_{i}_{j}": chr(97 + j % 26) * 3600 for j in range(200)}})
+              for i in range(2)]
+    events.append(_touchpoint(f"{unique}-p", "page_viewed", t0 + timedelta(minutes=5), lead_id=lead,
+                              payload={"url": "/pricing"}))
+    await produce_events(kafka_bootstrap, cfg.topics.touchpoints, events)
+    worker = Worker(env, kafka_bootstrap, tmp_path / "worker.log")
+    worker.start()
+    try:
+        await wait_caught_up(kafka_bootstrap, f"proc-{unique}",
+                             [cfg.topics.touchpoints, cfg.topics.by_anon, cfg.topics.by_lead], workers=(worker,))
+        expected = Ledger(RuleBook.from_paths(default_rules_paths()), emit=True)
+        want = [d for ev in events for d in expected.apply(ev) if d["type"] == "lead_scored"]
+        assert [d["event_id"] for d in want] == [f"{lead}:scored:3"]
+        scored = [s for s in await read_topic(kafka_bootstrap, cfg.topics.scores) if s["lead"] == lead]
+        assert [(s["event_id"], s["score"]) for s in scored] == [(d["event_id"], d["score"]) for d in want]
+        assert worker.restarts == 0
+        worker.check_alive()
+        # the tables' changelogs are compacted (a recovery reads the latest state per key) and take whole states
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            names = [f"proc-{unique}-{table}-changelog" for table in ("identity", "leads")]
+            answers = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+            configs = {res[3]: {c[0]: c[1] for c in res[4]} for a in answers for res in a.resources}
+        finally:
+            await admin.close()
+        for n in names:
+            assert configs[n]["cleanup.policy"] == "compact"
+            assert int(configs[n]["max.message.bytes"]) == MAX_RECORD_BYTES
+    finally:
+        worker.stop()
