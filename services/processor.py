@@ -355,12 +355,23 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 sends: list[tuple[str, bytes, bytes]] = []
                 requests: list[tuple[str, bytes, bytes]] = []
                 touched: dict[bytes, bytes] = {}
+                # anonymous states folded in this batch, kept decoded until the batch is stored (or a join request
+                # reads the entry): [state, offset of its last event, the entry it was decoded from, records
+                # folded since]. A cookie's run of events costs one decode and one encode, not one each per event
+                live: dict[bytes, list[Any]] = {}
+
+                def entry(akey: bytes) -> bytes | None:
+                    held = live.pop(akey, None)
+                    if held is not None:
+                        touched[akey] = _pack_identity(b"S", held[1], held[0].to_bytes())
+                    return touched.get(akey) or identity.get(akey)
+
                 guard_commits_once()
                 for ev in batch:
                     if ev.message.topic != t.touchpoints:  # a join request, keyed by its anonymous id
                         req = orjson.loads(ev.value)
                         akey = req["anonymous_id"].encode()
-                        mapped, upto, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
+                        mapped, upto, anon_state = _unpack_identity(entry(akey))
                         lead_b = req["lead"].encode()
                         if mapped is None:  # the first join wins, forever
                             touched[akey] = _pack_identity(b"L", upto, lead_b)
@@ -391,23 +402,36 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                                                         "event_id": rec["event_id"]})))
                         continue
                     akey = anon.encode()
-                    mapped, upto, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
                     offset = ev.message.offset
-                    if mapped is not None:
-                        if offset > upto:  # not redelivered: at or below `upto` it went to the lead in the state
-                            sends.append((by_lead_name, mapped.encode(), ev.value))
-                        continue
-                    # still anonymous: fold into the anonymous subject's compact state
-                    st = core.LeadState.from_bytes(anon_state) if anon_state else core.LeadState(anon, True)
+                    held = live.get(akey)
+                    if held is None:
+                        raw = touched.get(akey) or identity.get(akey)
+                        mapped, upto, anon_state = _unpack_identity(raw)
+                        if mapped is not None:
+                            if offset > upto:  # not redelivered: at or below `upto` it went to the lead in the state
+                                sends.append((by_lead_name, mapped.encode(), ev.value))
+                            continue
+                        # still anonymous: fold into the anonymous subject's compact state
+                        st = core.LeadState.from_bytes(anon_state) if anon_state else core.LeadState(anon, True)
+                        held = [st, upto, raw, []]
                     try:
-                        st, derived = core.fold(st, rec, book)
-                    except Exception as exc:  # poison record: dead-letter it; the stored state stays as it was
+                        _, derived = core.fold(held[0], rec, book)
+                    except Exception as exc:  # poison record: dead-letter it; the state stays as it was before it
                         sends.append((rejected_name, akey, _rejected_raw(ev.value, f"unfoldable: {exc}")))
+                        if akey in live:  # the fold may have changed it before failing: decoded again and the
+                            before = _unpack_identity(held[2])[2]  # batch's good records re-folded (deterministic)
+                            held[0] = core.LeadState.from_bytes(before) if before else core.LeadState(anon, True)
+                            for r in held[3]:
+                                core.fold(held[0], r, book)
                         continue
+                    held[1] = max(held[1], offset)
+                    held[3].append(rec)
+                    live[akey] = held
                     for d in derived:
                         if d["type"] == "event_rejected":
                             sends.append((rejected_name, akey, orjson.dumps(d)))
-                    touched[akey] = _pack_identity(b"S", max(upto, offset), st.to_bytes())
+                for akey in list(live):
+                    entry(akey)
                 await produce(sends)
                 # a join request only once the event that asks is on the lead's log: the answer must follow it.
                 # Sent together with the identity entries: neither depends on the other (a redelivered lead event
