@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 # The largest record any topic of ours takes (each topic's max.message.bytes, the processor's producer request limit).
 # A lead's state is one record on the `leads` changelog, an anonymous visitor's on `identity`'s and in a join answer
@@ -115,7 +116,7 @@ async def produce_events(bootstrap: str, topic: str, events: Iterable[dict]) -> 
     await producer.start()
     try:
         n = len(await producer.partitions_for(topic))
-        batches: dict[int, object] = {}
+        batches: dict[int, BatchBuilder] = {}
         futs: list[asyncio.Future] = []
 
         async def submit() -> None:

@@ -654,9 +654,9 @@ def main(argv: list[str] | None = None) -> int:
     gc.set_threshold(50_000, 20, 100)
     cfg = load_settings()
     app = create_app(cfg)
-    # faust declares a table's changelog only when the topic is missing, and the worker's first metadata request for
-    # it already made the broker auto-create it with the broker's defaults (deleted, not compacted: a restart's
-    # recovery read every state ever written; records up to 1 MiB). Declared here first, as a changelog should be.
+    # faust declares a table's changelog only when the topic is missing, and by then a metadata request for it had
+    # made the broker auto-create it with the broker's defaults (deleted, not compacted: a restart's recovery read
+    # every state ever written; records up to 1 MiB). Declared here first, as a changelog should be.
     changelogs = [table.changelog_topic.get_topic_name() for table in app.tables.values()]
     asyncio.run(kafka_io.ensure_topics(cfg.bootstrap, changelogs, cfg.partitions, compacted=changelogs))
     sys.argv = ["leadledger-processor", "worker", "-l", a.loglevel, "--without-web"]
