@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
@@ -25,26 +26,62 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 
 
+def topic_configs(compacted: bool = False) -> dict[str, str]:
+    """The settings of every topic we create: kept forever (or compacted), records up to MAX_RECORD_BYTES."""
+    return {"retention.ms": "-1", "max.message.bytes": str(MAX_RECORD_BYTES),
+            "cleanup.policy": "compact" if compacted else "delete"}
+
+
 async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
                         compacted: Iterable[str] = ()) -> None:
-    """Create the topics that do not exist yet (infinite retention; records up to MAX_RECORD_BYTES; compaction where
-    asked)."""
+    """Create the topics that do not exist yet (``topic_configs``: compaction where asked)."""
     compacted = set(compacted)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [
-            NewTopic(name, num_partitions=partitions, replication_factor=1,
-                     topic_configs={"retention.ms": "-1", "max.message.bytes": str(MAX_RECORD_BYTES),
-                                    "cleanup.policy": "compact" if name in compacted else "delete"})
-            for name in names if name not in existing
-        ]
+        new = [NewTopic(name, num_partitions=partitions, replication_factor=1,
+                        topic_configs=topic_configs(name in compacted))
+               for name in names if name not in existing]
         if new:
             try:
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+    finally:
+        await admin.close()
+
+
+async def ensure_changelogs(bootstrap: str, names: list[str], partitions: int) -> list[str]:
+    """Table changelogs: created compacted (``ensure_topics``), and an existing one that is not compacted or takes
+    smaller records is given ``topic_configs(compacted=True)``, which replaces its topic-level settings (a changelog
+    is ours alone; older versions let the broker auto-create them with its defaults). Returns the names changed."""
+    await ensure_topics(bootstrap, names, partitions, compacted=names)
+    have = await topic_settings(bootstrap, names)
+    stale = [n for n in names if have[n].get("cleanup.policy") != "compact"
+             or int(have[n].get("max.message.bytes", 0)) < MAX_RECORD_BYTES]
+    if stale:
+        want = topic_configs(compacted=True)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+        await admin.start()
+        try:
+            for a in await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, n, configs=want)
+                                                for n in stale]):
+                for code, message, _type, name in a.resources:
+                    if code:
+                        raise RuntimeError(f"changelog {name}: settings not changed: error {code} {message}")
+        finally:
+            await admin.close()
+    return stale
+
+
+async def topic_settings(bootstrap: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """Each topic's settings as the broker reports them (its own and the broker's defaults)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        answers = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+        return {res[3]: {c[0]: c[1] for c in res[4]} for a in answers for res in a.resources}
     finally:
         await admin.close()
 

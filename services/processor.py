@@ -658,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     # made the broker auto-create it with the broker's defaults (deleted, not compacted: a restart's recovery read
     # every state ever written; records up to 1 MiB). Declared here first, as a changelog should be.
     changelogs = [table.changelog_topic.get_topic_name() for table in app.tables.values()]
-    asyncio.run(kafka_io.ensure_topics(cfg.bootstrap, changelogs, cfg.partitions, compacted=changelogs))
+    for name in asyncio.run(kafka_io.ensure_changelogs(cfg.bootstrap, changelogs, cfg.partitions)):
+        log.warning("changelog %s was not compacted or took records under %d bytes: changed", name,
+                    kafka_io.MAX_RECORD_BYTES)
     sys.argv = ["leadledger-processor", "worker", "-l", a.loglevel, "--without-web"]
     profile_to = os.environ.get("LEADLEDGER_PROFILE")  # cProfile the worker until it stops (bench/profiling)
     if not profile_to:

@@ -1,12 +1,16 @@
-"""services.kafka_io.produce_events on the real broker: every event once, under its subject key, on the partition
-the default partitioner gives that key, each partition in event order — also across full batches."""
+"""services.kafka_io on the real broker: produce_events writes every event once, under its subject key, on the
+partition the default partitioner gives that key, each partition in event order — also across full batches;
+ensure_changelogs compacts a changelog the broker auto-created with its defaults."""
 
 from __future__ import annotations
 
 import orjson
 
 from services.derived_reader import read_log
-from services.kafka_io import ensure_topics, partition_for, produce_events
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from services.kafka_io import (MAX_RECORD_BYTES, ensure_changelogs, ensure_topics, partition_for, produce_events,
+                               topic_settings)
 
 
 async def test_produce_events_writes_each_subject_in_event_order_on_its_partition(kafka_bootstrap: str,
@@ -30,3 +34,22 @@ async def test_produce_events_writes_each_subject_in_event_order_on_its_partitio
         want.setdefault(partition_for(key, 3), []).append((key, e["event_id"]))
     assert got == want
     assert all(len(v) > 600 for v in got.values())  # more than one full batch in every partition
+
+
+async def test_ensure_changelogs_compacts_one_made_with_the_broker_defaults(kafka_bootstrap: str, unique: str) -> None:
+    old, new = f"proc-{unique}-leads-changelog", f"proc-{unique}-identity-changelog"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(old, num_partitions=3, replication_factor=1)])  # as auto-created
+    finally:
+        await admin.close()
+    before = await topic_settings(kafka_bootstrap, [old])
+    assert before[old]["cleanup.policy"] == "delete" and int(before[old]["max.message.bytes"]) < MAX_RECORD_BYTES
+
+    assert await ensure_changelogs(kafka_bootstrap, [old, new], 3) == [old]  # the new one is created right
+    after = await topic_settings(kafka_bootstrap, [old, new])
+    for name in (old, new):
+        assert after[name]["cleanup.policy"] == "compact"
+        assert int(after[name]["max.message.bytes"]) == MAX_RECORD_BYTES
+    assert await ensure_changelogs(kafka_bootstrap, [old, new], 3) == []  # nothing left to change

@@ -11,15 +11,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from projections.fold import Ledger
 from projections.rules import RuleBook
 from services.demo import API_KEY, journeys
 from services.derived_reader import latest_by_lead, read_topic
 from services.ingest import IngestConfig, create_app
-from services.kafka_io import MAX_RECORD_BYTES, ensure_topics, make_producer, produce_events
+from services.kafka_io import MAX_RECORD_BYTES, ensure_topics, make_producer, produce_events, topic_settings
 from services.processor import default_rules_paths
 from tests.conftest import wait_for
 from tests.streaming import Worker, settings_for, topic_env, wait_caught_up
@@ -311,14 +309,8 @@ async def test_a_lead_state_over_a_mebibyte_is_stored(kafka_bootstrap: str, uniq
         assert worker.restarts == 0
         worker.check_alive()
         # the tables' changelogs are compacted (a recovery reads the latest state per key) and take whole states
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            names = [f"proc-{unique}-{table}-changelog" for table in ("identity", "leads")]
-            answers = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
-            configs = {res[3]: {c[0]: c[1] for c in res[4]} for a in answers for res in a.resources}
-        finally:
-            await admin.close()
+        names = [f"proc-{unique}-{table}-changelog" for table in ("identity", "leads")]
+        configs = await topic_settings(kafka_bootstrap, names)
         for n in names:
             assert configs[n]["cleanup.policy"] == "compact"
             assert int(configs[n]["max.message.bytes"]) == MAX_RECORD_BYTES
