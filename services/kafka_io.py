@@ -33,8 +33,8 @@ def topic_configs(compacted: bool = False) -> dict[str, str]:
 
 
 async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
-                        compacted: Iterable[str] = ()) -> None:
-    """Create the topics that do not exist yet (``topic_configs``: compaction where asked)."""
+                        compacted: Iterable[str] = ()) -> list[str]:
+    """Create the topics that do not exist yet (``topic_configs``: compaction where asked); returns their names."""
     compacted = set(compacted)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     await admin.start()
@@ -48,6 +48,7 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
                 await admin.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+        return [t.name for t in new]
     finally:
         await admin.close()
 
@@ -56,10 +57,12 @@ async def ensure_changelogs(bootstrap: str, names: list[str], partitions: int) -
     """Table changelogs: created compacted (``ensure_topics``), and an existing one that is not compacted or takes
     smaller records is given ``topic_configs(compacted=True)``, which replaces its topic-level settings (a changelog
     is ours alone; older versions let the broker auto-create them with its defaults). Returns the names changed."""
-    await ensure_topics(bootstrap, names, partitions, compacted=names)
-    have = await topic_settings(bootstrap, names)
-    stale = [n for n in names if have[n].get("cleanup.policy") != "compact"
-             or int(have[n].get("max.message.bytes", 0)) < MAX_RECORD_BYTES]
+    created = await ensure_topics(bootstrap, names, partitions, compacted=names)
+    # only the ones that were there: a new topic has its settings, and a broker may not describe it for a moment yet
+    older = [n for n in names if n not in created]
+    have = await topic_settings(bootstrap, older) if older else {}
+    stale = [n for n in older if have.get(n) and (have[n].get("cleanup.policy") != "compact"
+                                                  or int(have[n].get("max.message.bytes", 0)) < MAX_RECORD_BYTES)]
     if stale:
         want = topic_configs(compacted=True)
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
@@ -76,12 +79,13 @@ async def ensure_changelogs(bootstrap: str, names: list[str], partitions: int) -
 
 
 async def topic_settings(bootstrap: str, names: list[str]) -> dict[str, dict[str, str]]:
-    """Each topic's settings as the broker reports them (its own and the broker's defaults)."""
+    """Each topic's settings as the broker reports them (its own and the broker's defaults); a topic the broker does
+    not describe (unknown to it) is left out."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     await admin.start()
     try:
         answers = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
-        return {res[3]: {c[0]: c[1] for c in res[4]} for a in answers for res in a.resources}
+        return {res[3]: {c[0]: c[1] for c in res[4]} for a in answers for res in a.resources if res[0] == 0}
     finally:
         await admin.close()
 
