@@ -125,11 +125,12 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
         "event_rejected": topic(t.rejected),
     }
     # bytes keys and values with the app's raw serializers; use_partitioner: written once per batch
-    big = {"max.message.bytes": str(kafka_io.MAX_RECORD_BYTES)}  # their changelog records are whole states
+    # their changelog records are whole states (`main` creates the changelogs with these settings before faust)
+    changelog_settings = kafka_io.topic_configs(compacted=True)
     identity = app.Table("identity", default=None, key_type=bytes, value_type=bytes, partitions=cfg.partitions,
-                         use_partitioner=True, extra_topic_configs=big)
+                         use_partitioner=True, extra_topic_configs=changelog_settings)
     leads = app.Table("leads", default=None, key_type=bytes, value_type=bytes, partitions=cfg.partitions,
-                      use_partitioner=True, extra_topic_configs=big)
+                      use_partitioner=True, extra_topic_configs=changelog_settings)
     rejected = out_topics["event_rejected"]
 
     out_names = {k: v.get_topic_name() for k, v in out_topics.items()}
@@ -356,22 +357,22 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                 requests: list[tuple[str, bytes, bytes]] = []
                 touched: dict[bytes, bytes] = {}
                 # anonymous states folded in this batch, kept decoded until the batch is stored (or a join request
-                # reads the entry): [state, offset of its last event, the entry it was decoded from, records
-                # folded since]. A cookie's run of events costs one decode and one encode, not one each per event
-                live: dict[bytes, list[Any]] = {}
+                # reads the entry): a cookie's run of events costs one decode and one encode, not one each per event
+                live: dict[bytes, _Anonymous] = {}
 
-                def entry(akey: bytes) -> bytes | None:
+                def settle(akey: bytes) -> None:
+                    """Write `akey`'s decoded state back into the batch's entries."""
                     held = live.pop(akey, None)
                     if held is not None:
-                        touched[akey] = _pack_identity(b"S", held[1], held[0].to_bytes())
-                    return touched.get(akey) or identity.get(akey)
+                        touched[akey] = _pack_identity(b"S", held.upto, held.state.to_bytes())
 
                 guard_commits_once()
                 for ev in batch:
                     if ev.message.topic != t.touchpoints:  # a join request, keyed by its anonymous id
                         req = orjson.loads(ev.value)
                         akey = req["anonymous_id"].encode()
-                        mapped, upto, anon_state = _unpack_identity(entry(akey))
+                        settle(akey)
+                        mapped, upto, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
                         lead_b = req["lead"].encode()
                         if mapped is None:  # the first join wins, forever
                             touched[akey] = _pack_identity(b"L", upto, lead_b)
@@ -405,33 +406,28 @@ def create_app(cfg: Settings | None = None, rules: RuleBook | None = None, app_i
                     offset = ev.message.offset
                     held = live.get(akey)
                     if held is None:
-                        raw = touched.get(akey) or identity.get(akey)
-                        mapped, upto, anon_state = _unpack_identity(raw)
+                        mapped, upto, anon_state = _unpack_identity(touched.get(akey) or identity.get(akey))
                         if mapped is not None:
                             if offset > upto:  # not redelivered: at or below `upto` it went to the lead in the state
                                 sends.append((by_lead_name, mapped.encode(), ev.value))
                             continue
                         # still anonymous: fold into the anonymous subject's compact state
-                        st = core.LeadState.from_bytes(anon_state) if anon_state else core.LeadState(anon, True)
-                        held = [st, upto, raw, []]
+                        held = _Anonymous(anon, anon_state, upto)
                     try:
-                        _, derived = core.fold(held[0], rec, book)
+                        _, derived = core.fold(held.state, rec, book)
                     except Exception as exc:  # poison record: dead-letter it; the state stays as it was before it
                         sends.append((rejected_name, akey, _rejected_raw(ev.value, f"unfoldable: {exc}")))
-                        if akey in live:  # the fold may have changed it before failing: decoded again and the
-                            before = _unpack_identity(held[2])[2]  # batch's good records re-folded (deterministic)
-                            held[0] = core.LeadState.from_bytes(before) if before else core.LeadState(anon, True)
-                            for r in held[3]:
-                                core.fold(held[0], r, book)
+                        if akey in live:  # the fold may have changed it before failing: rebuilt
+                            held.rebuild(book)
                         continue
-                    held[1] = max(held[1], offset)
-                    held[3].append(rec)
+                    held.upto = max(held.upto, offset)
+                    held.folded.append(rec)
                     live[akey] = held
                     for d in derived:
                         if d["type"] == "event_rejected":
                             sends.append((rejected_name, akey, orjson.dumps(d)))
                 for akey in list(live):
-                    entry(akey)
+                    settle(akey)
                 await produce(sends)
                 # a join request only once the event that asks is on the lead's log: the answer must follow it.
                 # Sent together with the identity entries: neither depends on the other (a redelivered lead event
@@ -606,6 +602,25 @@ def _exit_now(code: int) -> None:
         h.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class _Anonymous:
+    """An anonymous subject's state as the identity stage folds it within one batch: the state, the `touchpoints`
+    offset of its last event, and what a failed fold needs to rebuild it (the stored state it was decoded from and
+    the batch's records folded into it since)."""
+
+    __slots__ = ("key", "stored", "state", "upto", "folded")
+
+    def __init__(self, key: str, stored: bytes | None, upto: int) -> None:
+        self.key, self.stored, self.upto = key, stored, upto
+        self.state = core.LeadState.from_bytes(stored) if stored else core.LeadState(key, True)
+        self.folded: list[dict[str, Any]] = []
+
+    def rebuild(self, book: RuleBook) -> None:
+        """The state as before the failed fold: decoded again and the batch's good records folded (deterministic)."""
+        self.state = core.LeadState.from_bytes(self.stored) if self.stored else core.LeadState(self.key, True)
+        for r in self.folded:
+            core.fold(self.state, r, book)
 
 
 def _pack_identity(kind: bytes, upto: int, body: bytes) -> bytes:
