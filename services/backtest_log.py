@@ -49,7 +49,7 @@ from aiokafka.record.memory_records import MemoryRecords
 
 from events.envelope import CURRENT_SCHEMA_VERSION
 from events.upcast import upcast
-from events.wire import check_envelope
+from events.wire import check_envelope, decode
 from projections import fold as core
 from projections import lead_log
 from projections.backtest import gc_off
@@ -329,22 +329,69 @@ def _is_anonymous_only(ev: dict) -> bool:
     return core.subject_of(ev)[0] is None and bool(ev.get("anonymous_id"))
 
 
-_NO_COOKIE = b'"anonymous_id":null'
-_AID = b'"anonymous_id":'
+_AID = b'"anonymous_id"'
+
+
+def _decoded(raw: bytes) -> Optional[dict]:
+    """The touchpoint ``raw`` decoded as the identity stage decodes it (``events.wire.decode``), or None where it
+    dead-letters it (undecodable, not an object, no upcaster)."""
+    try:
+        return decode(raw)
+    except Exception:  # noqa: BLE001 - a poison record: the live identity stage dead-letters it, never folds it
+        return None
+
+
+def _loads_or_none(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except Exception:  # noqa: BLE001 - undecodable: the caller leaves it out
+        return None
 
 
 def _anonymous_event(raw: bytes, aid: str) -> Optional[dict]:
-    """A touchpoint kept raw under its key ``aid`` (its one ``"anonymous_id":`` member holds ``aid``), decoded:
-    the event when it is an anonymous-only event of ``aid``, else None (it carries a lead key: not anonymous)."""
-    ev = orjson.loads(raw)
-    if ev.get("email") or ev.get("lead_id") or not ev.get("anonymous_id"):
+    """A touchpoint kept raw under its key ``aid`` (``collect_anonymous``), decoded: the event when it is a foldable
+    anonymous-only event of ``aid``, else None (it carries a lead key, or the identity stage dead-letters it)."""
+    ev = _decoded(raw)
+    if ev is None or not _is_anonymous_only(ev) or check_envelope(ev) is not None:
         return None
-    ev = upcast(ev)
-    if not _is_anonymous_only(ev) or check_envelope(ev) is not None:  # the identity stage never folds the latter
-        return None
-    if ev["anonymous_id"] != aid:  # only with an escaped member name beside a nested "anonymous_id": refuse
+    if ev["anonymous_id"] != aid:  # collect_anonymous kept it raw under its one "anonymous_id" member: cannot be
         raise ValueError(f"touchpoint {ev.get('event_id')!r} of cookie {ev['anonymous_id']!r} keyed by {aid!r}")
     return ev
+
+
+def collect_anonymous(recs: list, anon: dict[str, list]) -> None:
+    """Add the anonymous-only events among the touchpoint records ``recs`` (``.key``, ``.value``: bytes) to
+    ``anon`` (cookie → its events in log order): the raw bytes of those keyed by their cookie, as ingest keys them
+    (decoded if a join needs them: few are, most of a cookie's events reach its lead on the lead-keyed log), the
+    decoded event of any other.
+
+    Most records are sorted by a look at their bytes, exactly: without a backslash, a JSON text's quotes delimit its
+    strings, so ``"anonymous_id"`` found once is the only string of that name. No such string: no cookie. Once, and
+    followed by ``:null``: no cookie either (either the event's own member, or a nested one beside none of the
+    event's own). Once, and followed by ``:"<the record's key>"``: kept raw. Anything else is decoded."""
+    for r in recs:
+        v = r.value
+        if v is None:
+            continue  # a tombstone: nothing the identity stage folds
+        if b"\\" not in v:
+            parts = v.split(_AID)  # one call: on this machine each bytes method call costs more than its scan
+            if len(parts) == 1:
+                continue
+            if len(parts) == 2:
+                after = parts[1]
+                if after[:5] == b":null":
+                    continue
+                k = r.key
+                if k and after[1:len(k) + 3] == b'"' + k + b'"' and b'"' not in k:
+                    g = anon.get(k.decode())
+                    if g is None:
+                        anon[k.decode()] = [v]
+                    else:
+                        g.append(v)
+                    continue
+        ev = _decoded(v)
+        if ev is not None and _is_anonymous_only(ev) and check_envelope(ev) is None:
+            anon.setdefault(ev["anonymous_id"], []).append(ev)
 
 
 async def read_anonymous(bootstrap: str, topic: str, ends: Optional[dict] = None) -> tuple[int, dict[str, list]]:
@@ -356,25 +403,7 @@ async def read_anonymous(bootstrap: str, topic: str, ends: Optional[dict] = None
 
     def on_touchpoints(_p: int, recs: list) -> None:
         n_tp[0] += len(recs)
-        for r in recs:
-            v = r.value
-            if _NO_COOKIE in v:  # the wire format of events without a cookie: not anonymous
-                continue
-            k = r.key
-            if k and v.count(_AID) == 1 and _AID + b'"' + k + b'"' in v and b"\\" not in k:
-                # keyed by its cookie, as ingest keys anonymous-only events: kept raw, decoded if a join needs it
-                # (few do: most of a cookie's events reach its lead on the lead-keyed log)
-                g = anon.get(k.decode())
-                if g is None:
-                    anon[k.decode()] = [v]
-                else:
-                    g.append(v)
-                continue
-            ev = orjson.loads(v)
-            if not ev.get("email") and not ev.get("lead_id") and ev.get("anonymous_id"):
-                ev = upcast(ev)
-                if _is_anonymous_only(ev) and check_envelope(ev) is None:
-                    anon.setdefault(ev["anonymous_id"], []).append(ev)
+        collect_anonymous(recs, anon)
 
     if ends is None or any(ends.values()):
         await scan_log(bootstrap, topic, on_touchpoints, ends)
@@ -410,16 +439,25 @@ async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon:
         resolve = lead_log.RESOLVE_TYPE
         current = CURRENT_SCHEMA_VERSION
         for key, raw in groups.items():
-            recs = [loads(v) for v in raw]
+            # what the live lead stage dead-letters unfolded (undecodable, not an object, no upcaster, not a valid
+            # envelope: lead_log.apply) the back-test leaves out
+            try:
+                recs = [loads(v) for v in raw]
+            except Exception:  # noqa: BLE001
+                recs = [_loads_or_none(v) for v in raw]
             refused = False
             for i, rec in enumerate(recs):
-                if rec.get("type") == resolve:
-                    continue
-                if rec.get("schema_version") != current:
-                    rec = recs[i] = upcast(rec)
-                if check(rec) is not None:  # the live lead stage dead-letters it unfolded: so does the back-test
-                    recs[i] = None
-                    refused = True
+                try:
+                    if rec.get("type") == resolve:
+                        continue
+                    if rec.get("schema_version") != current:
+                        rec = recs[i] = upcast(rec)
+                    if check(rec) is None:
+                        continue
+                except Exception:  # noqa: BLE001
+                    pass
+                recs[i] = None
+                refused = True
             if refused:
                 recs = [r for r in recs if r is not None]
             lead = key.decode()
@@ -690,6 +728,17 @@ def _time(s: str) -> datetime:
     return dt.astimezone(timezone.utc)
 
 
+MAX_DEFAULT_JOBS = 4   # every process holds the whole anonymous-event index: more only when asked for
+
+
+def default_jobs() -> int:
+    """``LEADLEDGER_BACKTEST_JOBS``, else the CPUs this process may run on (at most MAX_DEFAULT_JOBS)."""
+    env = os.environ.get("LEADLEDGER_BACKTEST_JOBS")
+    if env:
+        return int(env)
+    return max(1, min(MAX_DEFAULT_JOBS, len(os.sched_getaffinity(0))))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--events" or a.startswith("--events=") for a in argv):
@@ -709,8 +758,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "re-fold under the published rules: one fold instead of two")
     p.add_argument("--always", action="store_true", help="the candidate applies from the beginning of time")
     p.add_argument("--csv", metavar="FILE", help="write the leads whose MQL changed")
-    p.add_argument("--jobs", type=int, default=int(os.environ.get("LEADLEDGER_BACKTEST_JOBS", "1")),
-                   help="processes, each folding a shard of the lead-keyed partitions (env LEADLEDGER_BACKTEST_JOBS)")
+    p.add_argument("--jobs", type=int, default=default_jobs(),
+                   help="processes, each folding a shard of the lead-keyed partitions (env LEADLEDGER_BACKTEST_JOBS; "
+                        f"default: the CPUs this process may use, at most {MAX_DEFAULT_JOBS})")
     p.add_argument("--bootstrap", default=None, help="Kafka (env LEADLEDGER_KAFKA_BOOTSTRAP)")
     a = p.parse_args(argv)
     s = Settings()

@@ -82,7 +82,8 @@ def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str,
     log = lead_keyed_log(events)
     topics = Topics(touchpoints=f"bt-tp-{unique}", by_lead=f"bt-bylead-{unique}")
     # records the live stages dead-letter unfolded (events.wire.check_envelope): a joining cookie's anonymous event
-    # with a bad timestamp ahead of its history, and a lead's record with a naive timestamp on the lead-keyed log
+    # with a bad timestamp ahead of its history, and a lead's record with a naive timestamp on the lead-keyed log;
+    # poison records the lead stage dead-letters (undecodable, not an object, an empty value) in that lead's log
     joined = {subject_of(e)[1] for e in events if all(subject_of(e))}
     first_anon = next(e for e in events if subject_of(e)[0] is None and subject_of(e)[1] in joined)
     bad_anon = {**first_anon, "event_id": f"{first_anon['event_id']}-bad", "occurred_at": "yesterday"}
@@ -98,6 +99,8 @@ def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str,
                 await p.send(topics.touchpoints, orjson.dumps(e),
                              key=(e["lead_id"] or e["email"] or e["anonymous_id"]).encode())
             await p.send(topics.by_lead, orjson.dumps(bad_lead), key=log[0]["lead"].encode())
+            for poison in (b'{"event_id": "x", not json', b"[1, 2]", b""):
+                await p.send(topics.by_lead, poison, key=log[0]["lead"].encode())
             for r in log:
                 await p.send(topics.by_lead, orjson.dumps({k: v for k, v in r.items() if k != "lead"}),
                              key=r["lead"].encode())
@@ -118,6 +121,67 @@ def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str,
     forked = threading.active_count() == 1
     for jobs in (1, 2, 3):
         out = fold_books(kafka_bootstrap, topics, [BOOK, BOOK], jobs)
-        assert out["touchpoints"] == len(events) + 1 and out["records"] == len(log) + 1, (jobs, forked)
+        assert out["touchpoints"] == len(events) + 1 and out["records"] == len(log) + 4, (jobs, forked)
         assert out["leads"] == len(mem.states) and out["short_joins"] == [0, 0]
         assert sorted(out["mqls"][0]) == sorted(out["mqls"][1]) == sorted(mem.mqls), (jobs, forked)
+
+
+def test_collect_anonymous_keeps_exactly_the_foldable_anonymous_only_events() -> None:
+    """The byte-level sorting of touchpoints (services.backtest_log.collect_anonymous) keeps, per cookie and in log
+    order, exactly the events the identity stage folds as anonymous: decoded, anonymous-only, a valid envelope —
+    whatever the record's key, the member names' spelling or what the payload holds."""
+    from collections import namedtuple
+
+    import orjson
+
+    from bench.gen_history import generate
+    from events.wire import check_envelope, decode
+    from projections.fold import subject_of
+    from services.backtest_log import _anonymous_event, collect_anonymous
+
+    Rec = namedtuple("Rec", "key value")
+    base = {"event_id": "e", "type": "page_viewed", "occurred_at": "2026-03-01T09:00:00.000001+00:00",
+            "received_at": "2026-03-01T09:00:01.000001+00:00", "lead_id": None, "anonymous_id": "c1", "email": None,
+            "source": "web", "campaign": None, "payload": {"url": "/pricing"}, "schema_version": 2}
+
+    def ev(i: int, **kw: object) -> dict:
+        return {**base, "event_id": f"e{i}", **kw}
+
+    recs = [
+        Rec(b"c1", orjson.dumps(ev(1))),                                                  # as ingest writes it
+        Rec(b"a@x.example", orjson.dumps(ev(2, email="a@x.example"))),                    # identified: no
+        Rec(b"a@x.example", orjson.dumps(ev(3, email="a@x.example", anonymous_id=None))), # no cookie
+        Rec(b"c1", orjson.dumps(ev(4, payload={"anonymous_id": None}))),                  # a nested null member
+        Rec(b"c1", orjson.dumps(ev(5, payload={"field": "anonymous_id"}))),               # the name as a value
+        Rec(b"elsewhere", orjson.dumps(ev(6))),                                           # keyed by another key
+        Rec(b"c2", orjson.dumps(ev(7, anonymous_id="c2")).replace(b"anonymous_id", b"anonymous\\u005fid")),
+        Rec(b"c3", orjson.dumps(ev(8, anonymous_id="c3")).replace(b'"anonymous_id":', b'"anonymous_id" : ')),
+        Rec(b"c1", b'{"anonymous_id":"c1", not json'),                                    # undecodable
+        Rec(b"c1", b'["anonymous_id", "c1"]'),                                            # not an object
+        Rec(b"c1", orjson.dumps(ev(9, occurred_at="yesterday"))),                         # dead-lettered live
+        Rec(b'c1","x', orjson.dumps(ev(10))),                                             # a key with a quote
+        Rec(b"c4", orjson.dumps({k: v for k, v in ev(11, anonymous_id="c4").items() if k != "schema_version"}
+                                | {"schema_version": 1})),                                # upcast on decoding
+        Rec(b"c1", None),                                                                 # a tombstone
+        Rec(b"c5", orjson.dumps(ev(12, anonymous_id="c5", payload={"note": 'say "hi"'}))),  # escapes elsewhere
+    ]
+    history = generate(2000, 80, seed=3)
+    recs += [Rec((e["lead_id"] or e["email"] or e["anonymous_id"]).encode(), orjson.dumps(e)) for e in history]
+
+    want: dict[str, list[dict]] = {}
+    for r in recs:
+        try:
+            d = decode(r.value)
+        except Exception:  # noqa: BLE001 - what the identity stage dead-letters
+            continue
+        if subject_of(d)[0] is None and d.get("anonymous_id") and check_envelope(d) is None:
+            want.setdefault(d["anonymous_id"], []).append(d)
+    anon: dict[str, list] = {}
+    collect_anonymous(recs[:7], anon)
+    collect_anonymous(recs[7:], anon)
+    got = {aid: [e if isinstance(e, dict) else _anonymous_event(e, aid) for e in evs] for aid, evs in anon.items()}
+    got = {aid: [e for e in evs if e is not None] for aid, evs in got.items()}
+    assert {aid: evs for aid, evs in got.items() if evs} == want
+    assert [e["event_id"] for e in want["c1"][:4]] == ["e1", "e4", "e5", "e6"]
+    assert {"c2", "c3", "c4", "c5"} <= set(want)
+    assert sum(isinstance(e, bytes) for evs in anon.values() for e in evs) > 100  # most kept raw, not decoded
