@@ -424,14 +424,14 @@ def _merge_anonymous(parts: list[dict[str, list]]) -> dict[str, list]:
 async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon: dict[str, list],
                         ends: dict) -> dict:
     """Fold the lead-keyed log up to ``ends`` under each book; returns ``{"mqls": [[...] per book], "records",
-    "leads", "short_joins"}``."""
+    "leads", "short_joins", "left_out"}`` (``left_out``: records the live lead stage dead-letters unfolded)."""
     folds = [LogFold(b, anon) for b in books]
     # The lead-keyed records are grouped by lead (raw key and value bytes) as they arrive; every CHUNK records the
     # groups are decoded and folded lead by lead, each book in turn. Leads are independent and each keeps its log
     # order, so this is the fold in log order, only faster: a lead's state and its records stay in the CPU caches
     # while they are decoded and folded, and no per-record object outlives its group.
     groups: dict[bytes, list[bytes]] = {}
-    queued = [0, 0]   # records in the groups, records read
+    queued = [0, 0, 0]   # records in the groups, records read, records left out
 
     def flush() -> None:
         loads = orjson.loads
@@ -459,7 +459,9 @@ async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon:
                 recs[i] = None
                 refused = True
             if refused:
+                n = len(recs)
                 recs = [r for r in recs if r is not None]
+                queued[2] += n - len(recs)
             lead = key.decode()
             for f in folds:
                 f.apply_many(lead, recs)
@@ -484,7 +486,7 @@ async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon:
         await scan_log(bootstrap, topic, on_records, ends)
     flush()
     return {"records": queued[1], "mqls": [f.mqls for f in folds], "leads": len(folds[0].states) if folds else 0,
-            "short_joins": [f.short_joins for f in folds]}
+            "short_joins": [f.short_joins for f in folds], "left_out": queued[2]}
 
 
 def _balanced_ends(ends: dict, shards: int) -> list[dict]:
@@ -612,6 +614,7 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
             parts = list(ex.map(_fold_shard, [bootstrap] * jobs, [tdict] * jobs, [docs] * jobs, split))
         touchpoints = parts[0]["touchpoints"]  # each spawned shard read the whole log
     return {"touchpoints": touchpoints, "records": sum(p["records"] for p in parts),
+            "left_out": sum(p["left_out"] for p in parts),
             "leads": sum(p["leads"] for p in parts),
             "mqls": [[m for p in parts for m in p["mqls"][i]] for i in range(len(books))],
             "short_joins": [sum(p["short_joins"][i] for p in parts) for i in range(len(books))]}
@@ -715,7 +718,8 @@ def run(bootstrap: str, topics: Topics, candidate: RuleBook, baseline: Optional[
                baseline={"rules_versions": [r.version for r in baseline.sets]} if baseline is not None
                else {"live_handoffs": topics.handoffs},
                candidate={"rules_versions": [r.version for r in candidate.sets]},
-               log={"touchpoints": n, "lead_log_records": folded["records"], "leads": folded["leads"],
+               log={"touchpoints": n, "lead_log_records": folded["records"],
+                    "lead_log_records_left_out": folded["left_out"], "leads": folded["leads"],
                     "joins_short_of_events": folded["short_joins"]},
                elapsed_s=round(dt, 3), events_per_s=round(n / dt) if dt > 0 else None)
     return out

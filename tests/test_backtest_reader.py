@@ -122,6 +122,7 @@ def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str,
     for jobs in (1, 2, 3):
         out = fold_books(kafka_bootstrap, topics, [BOOK, BOOK], jobs)
         assert out["touchpoints"] == len(events) + 1 and out["records"] == len(log) + 4, (jobs, forked)
+        assert out["left_out"] == 4  # the naive timestamp and the three poison records
         assert out["leads"] == len(mem.states) and out["short_joins"] == [0, 0]
         assert sorted(out["mqls"][0]) == sorted(out["mqls"][1]) == sorted(mem.mqls), (jobs, forked)
 
