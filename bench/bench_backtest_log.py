@@ -1,6 +1,6 @@
 """Back-test throughput over the Kafka log (issue #7): events of history per second, beside a raw aiokafka read.
 
-    python -m bench.bench_backtest_log [--events 200000] [--leads 10000] [--jobs 1,2]
+    python -m bench.bench_backtest_log [--events 200000] [--leads 10000] [--jobs 1,2] [--rounds 1]
 
 Generates a history (bench.gen_history), writes it to fresh ``touchpoints`` topics and the lead-keyed log the
 identity stage would write for it (``tests.test_replay.lead_keyed_log``: join resolutions included) to a fresh
@@ -16,7 +16,9 @@ identity stage would write for it (``tests.test_replay.lead_keyed_log``: join re
    folding both books over half of the lead-keyed partitions).
 
 Throughput = touchpoints in the history / wall seconds (CPU seconds of this process shown beside it); every line
-also gives its ratio to the raw aiokafka read of the same run.
+also gives its ratio to the raw aiokafka read of the same run. ``--rounds N`` times the back-test lines N times,
+round by round (each round every configuration once, so a slower or faster stretch of the machine falls on all of
+them), and ends with each one's median, lowest and highest.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import asyncio
 import gc
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", metavar="ID", help="reuse the topics bench-tp-ID / bench-bylead-ID of an earlier run "
                                                   "(no generation, no production)")
     ap.add_argument("--skip-raw", action="store_true", help="skip the raw read")
+    ap.add_argument("--rounds", type=int, default=1, help="time the back-test configurations this many times")
     a = ap.parse_args(argv)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if a.reuse:
@@ -173,15 +177,25 @@ def _time_runs(a: argparse.Namespace, topics: Topics, n: int | None) -> int:
     runs = [("back-test fold, one book:", [base], 1)]
     runs += [(f"back-test fold, one book, --jobs {j}:", [base], j) for j in jobs if j > 1]
     runs += [(f"back-test, two books, --jobs {j}:", [base, loose], j) for j in jobs]
-    for label, books, jobs in runs:
-        gc.collect()  # the previous run's garbage is not this one's to collect
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fold_books(a.bootstrap, topics, books, jobs)
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        mq = [len(m) for m in out["mqls"]]
-        ratio = f" = {n / dt / raw_rate:.2f} x raw" if raw_rate else ""
-        print(f"{label:<42} {n / dt:>10,.0f} history events/s{ratio}  ({dt:.2f}s wall, {cpu:.2f}s CPU in this "
-              f"process; MQLs {mq})")
+    rates: dict[str, list[float]] = {}
+    for r in range(a.rounds):
+        if a.rounds > 1:
+            print(f"round {r + 1} of {a.rounds}")
+        for label, books, jobs in runs:
+            gc.collect()  # the previous run's garbage is not this one's to collect
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = fold_books(a.bootstrap, topics, books, jobs)
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            mq = [len(m) for m in out["mqls"]]
+            ratio = f" = {n / dt / raw_rate:.2f} x raw" if raw_rate else ""
+            print(f"{label:<42} {n / dt:>10,.0f} history events/s{ratio}  ({dt:.2f}s wall, {cpu:.2f}s CPU in this "
+                  f"process; MQLs {mq})")
+            rates.setdefault(label, []).append(n / dt)
+    if a.rounds > 1:
+        print(f"over {a.rounds} rounds (history events/s):")
+        for label, rs in rates.items():
+            print(f"{label:<42} median {statistics.median(rs):>10,.0f}  lowest {min(rs):>10,.0f}  highest "
+                  f"{max(rs):>10,.0f}  ({sum(x >= 100_000 for x in rs)} of {len(rs)} at 100,000 or more)")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
