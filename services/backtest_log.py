@@ -47,18 +47,14 @@ from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.record.control_record import ABORT_MARKER, ControlRecord
 from aiokafka.record.memory_records import MemoryRecords
 
-from events.envelope import CURRENT_SCHEMA_VERSION
-from events.upcast import upcast
-from events.wire import check_envelope, decode
 from projections import fold as core
-from projections import lead_log
 from projections.backtest import gc_off
+from projections.log_fold import LogFold, collect_anonymous, lead_records, merge_anonymous
 from projections.rules import RuleBook, RuleSet, RuleSetError, load_rule_sets
 from services.config import Settings, Topics
 from services.derived_reader import topic_partitions
 
 _EPOCH0 = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_fold_events = core._fold_events   # the fold of a run of one subject's events (hooks: on_handoff)
 READ_COMMITTED = 1   # FetchRequest isolation level
 CHUNK = 200_000   # lead-keyed records decoded and grouped by lead before they are folded
 
@@ -223,177 +219,6 @@ async def end_offsets(bootstrap: str, topic: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- the fold
 
-class LogFold:
-    """The live stage-2 fold of the lead-keyed log (``projections.lead_log`` semantics, derived events not built),
-    with join states rebuilt under this fold's book from the anonymous events (see the module doc)."""
-
-    def __init__(self, book: RuleBook, anon_events: dict[str, list[dict]]):
-        self.book = book
-        self.anon_events = anon_events
-        self.states: dict[str, lead_log.LeadLogState] = {}
-        self.mqls: list[tuple[str, int, float, str]] = []   # (lead, episode, evaluation time, cause event id)
-        self.short_joins = 0                                # joins whose anonymous events were not all found
-
-    def _handed_off(self, st: core.LeadState, cause: str) -> None:
-        """The fold's ``on_handoff``: lead ``st`` was handed off (episode ``st.handoffs``) by event ``cause``."""
-        self.mqls.append((st.key, st.handoffs, st.t, cause))
-
-    def _fold(self, s: lead_log.LeadLogState, rec: dict, merge_from: Optional[core.LeadState] = None) -> None:
-        """``core.fold`` of a record whose id is new to the lead (the callers checked the dedupe window)."""
-        core._fold(s.lead, rec, self.book, merge_from, None, True, on_handoff=self._handed_off)
-
-    def _fold_run(self, s: lead_log.LeadLogState, recs: list[dict]) -> None:
-        """``core.fold`` of consecutive touchpoints of one lead, none held back or holding the lead back, in one call
-        (the fold skips those already in its dedupe window, as ``_touchpoint`` would)."""
-        _fold_events(s.lead, recs, self.book, None, False, on_handoff=self._handed_off)
-
-    def _touchpoint(self, lead: str, s: lead_log.LeadLogState, rec: dict) -> None:
-        eid = rec.get("event_id")
-        if eid in s.lead.seen or eid in s.lead.seen_old:
-            return  # a repeated event: nothing to fold, nothing to wait for (as lead_log)
-        if s.pending is not None:
-            s.pending[2].append(rec)
-            return
-        aid = rec.get("anonymous_id")
-        if aid and aid not in s.resolved and core.subject_of(rec)[0] is not None:
-            s.pending = [aid, rec["event_id"], [rec]]
-            return
-        self._fold(s, rec)
-
-    def anon_state(self, aid: str, live: dict) -> core.LeadState:
-        """The anonymous subject as the identity stage had it at the join, folded under this book."""
-        want = live.get("q", 0)
-        st = core.LeadState(aid, True)
-        evs = self.anon_events.get(aid, ())
-        for i, ev in enumerate(evs):
-            if st.seq >= want:
-                break
-            if type(ev) is bytes:
-                ev = evs[i] = _anonymous_event(ev, aid)  # decoded once, for every book
-            if ev is not None:
-                core.fold(st, ev, self.book, emit=False)
-        if st.seq < want:
-            self.short_joins += 1
-        return st
-
-    def apply(self, lead: str, rec: dict) -> None:
-        s = self.states.get(lead)
-        if s is None:
-            s = self.states[lead] = lead_log.LeadLogState(core.LeadState(lead, False))
-        if rec.get("type") != lead_log.RESOLVE_TYPE:
-            self._touchpoint(lead, s, rec)
-            return
-        self._resolution(lead, s, rec)
-
-    def apply_many(self, lead: str, recs: list[dict]) -> None:
-        """``apply`` of consecutive records of one lead (its log order). The runs of touchpoints that go straight to
-        the fold (the lead waits for no join answer, and the record asks for none) are folded in one call each;
-        any other record (a join answer, a join request, a record held back) takes ``apply``'s path after the run
-        before it was folded."""
-        s = self.states.get(lead)
-        if s is None:
-            s = self.states[lead] = lead_log.LeadLogState(core.LeadState(lead, False))
-        resolve = lead_log.RESOLVE_TYPE
-        subject_of = core.subject_of
-        run: list[dict] = []
-        for rec in recs:
-            if s.pending is None and rec.get("type") != resolve:
-                aid = rec.get("anonymous_id")
-                if not aid or aid in s.resolved or subject_of(rec)[0] is None:
-                    run.append(rec)
-                    continue
-            if run:
-                self._fold_run(s, run)
-                run = []
-            self.apply(lead, rec)
-        if run:
-            self._fold_run(s, run)
-
-    def _resolution(self, lead: str, s: lead_log.LeadLogState, rec: dict) -> None:
-        p = s.pending
-        if p is None or p[0] != rec["anonymous_id"] or p[1] != rec["request_id"]:
-            return
-        s.pending = None
-        if p[0] not in s.resolved:
-            s.resolved.append(p[0])
-            if len(s.resolved) > lead_log.MAX_RESOLVED:
-                del s.resolved[0]
-        anon = self.anon_state(p[0], rec["state"]) if rec.get("state") else None
-        held = p[2]
-        self._fold(s, held[0], merge_from=anon)
-        for r in held[1:]:
-            self._touchpoint(lead, s, r)
-
-
-def _is_anonymous_only(ev: dict) -> bool:
-    return core.subject_of(ev)[0] is None and bool(ev.get("anonymous_id"))
-
-
-_AID = b'"anonymous_id"'
-
-
-def _decoded(raw: bytes) -> Optional[dict]:
-    """The touchpoint ``raw`` decoded as the identity stage decodes it (``events.wire.decode``), or None where it
-    dead-letters it (undecodable, not an object, no upcaster)."""
-    try:
-        return decode(raw)
-    except Exception:  # noqa: BLE001 - a poison record: the live identity stage dead-letters it, never folds it
-        return None
-
-
-def _loads_or_none(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except Exception:  # noqa: BLE001 - undecodable: the caller leaves it out
-        return None
-
-
-def _anonymous_event(raw: bytes, aid: str) -> Optional[dict]:
-    """A touchpoint kept raw under its key ``aid`` (``collect_anonymous``), decoded: the event when it is a foldable
-    anonymous-only event of ``aid``, else None (it carries a lead key, or the identity stage dead-letters it)."""
-    ev = _decoded(raw)
-    if ev is None or not _is_anonymous_only(ev) or check_envelope(ev) is not None:
-        return None
-    if ev["anonymous_id"] != aid:  # collect_anonymous kept it raw under its one "anonymous_id" member: cannot be
-        raise ValueError(f"touchpoint {ev.get('event_id')!r} of cookie {ev['anonymous_id']!r} keyed by {aid!r}")
-    return ev
-
-
-def collect_anonymous(recs: list, anon: dict[str, list]) -> None:
-    """Add the anonymous-only events among the touchpoint records ``recs`` (``.key``, ``.value``: bytes) to
-    ``anon`` (cookie → its events in log order): the raw bytes of those keyed by their cookie, as ingest keys them
-    (decoded if a join needs them: few are, most of a cookie's events reach its lead on the lead-keyed log), the
-    decoded event of any other.
-
-    Most records are sorted by a look at their bytes, exactly: without a backslash, a JSON text's quotes delimit its
-    strings, so ``"anonymous_id"`` found once is the only string of that name. No such string: no cookie. Once, and
-    followed by ``:null``: no cookie either (either the event's own member, or a nested one beside none of the
-    event's own). Once, and followed by ``:"<the record's key>"``: kept raw. Anything else is decoded."""
-    for r in recs:
-        v = r.value
-        if v is None:
-            continue  # a tombstone: nothing the identity stage folds
-        if b"\\" not in v:
-            parts = v.split(_AID)  # one call: on this machine each bytes method call costs more than its scan
-            if len(parts) == 1:
-                continue
-            if len(parts) == 2:
-                after = parts[1]
-                if after[:5] == b":null":
-                    continue
-                k = r.key
-                if k and after[1:len(k) + 3] == b'"' + k + b'"' and b'"' not in k:
-                    g = anon.get(k.decode())
-                    if g is None:
-                        anon[k.decode()] = [v]
-                    else:
-                        g.append(v)
-                    continue
-        ev = _decoded(v)
-        if ev is not None and _is_anonymous_only(ev) and check_envelope(ev) is None:
-            anon.setdefault(ev["anonymous_id"], []).append(ev)
-
-
 async def read_anonymous(bootstrap: str, topic: str, ends: Optional[dict] = None) -> tuple[int, dict[str, list]]:
     """The anonymous-only events of the ``touchpoints`` log per cookie, in partition order (joins rebuild their
     anonymous state from them); returns (touchpoints read, {anonymous id: [event dict, or its raw bytes]}).
@@ -410,17 +235,6 @@ async def read_anonymous(bootstrap: str, topic: str, ends: Optional[dict] = None
     return n_tp[0], anon
 
 
-def _merge_anonymous(parts: list[dict[str, list]]) -> dict[str, list]:
-    """The anonymous events read in shares of the ``touchpoints`` partitions, as one read would have them (a
-    cookie's events come from its partition: only events keyed by something else span shares, in share order)."""
-    merged: dict[str, list] = {}
-    for part in parts:
-        for aid, evs in part.items():
-            have = merged.get(aid)
-            merged[aid] = evs if have is None else have + evs
-    return merged
-
-
 async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon: dict[str, list],
                         ends: dict) -> dict:
     """Fold the lead-keyed log up to ``ends`` under each book; returns ``{"mqls": [[...] per book], "records",
@@ -434,34 +248,9 @@ async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon:
     queued = [0, 0, 0]   # records in the groups, records read, records left out
 
     def flush() -> None:
-        loads = orjson.loads
-        check = check_envelope
-        resolve = lead_log.RESOLVE_TYPE
-        current = CURRENT_SCHEMA_VERSION
         for key, raw in groups.items():
-            # what the live lead stage dead-letters unfolded (undecodable, not an object, no upcaster, not a valid
-            # envelope: lead_log.apply) the back-test leaves out
-            try:
-                recs = [loads(v) for v in raw]
-            except Exception:  # noqa: BLE001
-                recs = [_loads_or_none(v) for v in raw]
-            refused = False
-            for i, rec in enumerate(recs):
-                try:
-                    if rec.get("type") == resolve:
-                        continue
-                    if rec.get("schema_version") != current:
-                        rec = recs[i] = upcast(rec)
-                    if check(rec) is None:
-                        continue
-                except Exception:  # noqa: BLE001
-                    pass
-                recs[i] = None
-                refused = True
-            if refused:
-                n = len(recs)
-                recs = [r for r in recs if r is not None]
-                queued[2] += n - len(recs)
+            recs, left_out = lead_records(raw)
+            queued[2] += left_out
             lead = key.decode()
             for f in folds:
                 f.apply_many(lead, recs)
@@ -533,7 +322,7 @@ def _fold_child(conn: Any, bootstrap: str, topics: Topics, books: list[RuleBook]
             n_tp, mine = asyncio.run(read_anonymous(bootstrap, topics.touchpoints, tp_ends))
             conn.send(("anonymous", mine))
             others = conn.recv()
-            anon = _merge_anonymous([mine, *others])
+            anon = merge_anonymous([mine, *others])
             result = asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, ends))
             result["touchpoints"] = n_tp
             out: tuple = ("ok", result)
@@ -593,7 +382,7 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
                 shares = [own] + [_from_child(conn, "anonymous") for _proc, conn in children]
                 for i, (_proc, conn) in enumerate(children, start=1):
                     conn.send(shares[:i] + shares[i + 1:])
-                anon = _merge_anonymous(shares)
+                anon = merge_anonymous(shares)
                 del shares
                 parts = [asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, split[0]))]
                 parts[0]["touchpoints"] = n_tp

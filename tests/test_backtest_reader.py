@@ -72,7 +72,8 @@ def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str,
 
     from bench.gen_history import generate
     from projections.fold import normalise_email, subject_of
-    from services.backtest_log import LogFold, fold_books
+    from projections.log_fold import LogFold
+    from services.backtest_log import fold_books
     from services.config import Topics
     from tests.test_replay import BOOK, lead_keyed_log
 
@@ -128,7 +129,7 @@ def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str,
 
 
 def test_collect_anonymous_keeps_exactly_the_foldable_anonymous_only_events() -> None:
-    """The byte-level sorting of touchpoints (services.backtest_log.collect_anonymous) keeps, per cookie and in log
+    """The byte-level sorting of touchpoints (projections.log_fold.collect_anonymous) keeps, per cookie and in log
     order, exactly the events the identity stage folds as anonymous: decoded, anonymous-only, a valid envelope —
     whatever the record's key, the member names' spelling or what the payload holds."""
     from collections import namedtuple
@@ -138,7 +139,7 @@ def test_collect_anonymous_keeps_exactly_the_foldable_anonymous_only_events() ->
     from bench.gen_history import generate
     from events.wire import check_envelope, decode
     from projections.fold import subject_of
-    from services.backtest_log import _anonymous_event, collect_anonymous
+    from projections.log_fold import anonymous_event, collect_anonymous
 
     Rec = namedtuple("Rec", "key value")
     base = {"event_id": "e", "type": "page_viewed", "occurred_at": "2026-03-01T09:00:00.000001+00:00",
@@ -180,7 +181,7 @@ def test_collect_anonymous_keeps_exactly_the_foldable_anonymous_only_events() ->
     anon: dict[str, list] = {}
     collect_anonymous(recs[:7], anon)
     collect_anonymous(recs[7:], anon)
-    got = {aid: [e if isinstance(e, dict) else _anonymous_event(e, aid) for e in evs] for aid, evs in anon.items()}
+    got = {aid: [e if isinstance(e, dict) else anonymous_event(e, aid) for e in evs] for aid, evs in anon.items()}
     got = {aid: [e for e in evs if e is not None] for aid, evs in got.items()}
     assert {aid: evs for aid, evs in got.items() if evs} == want
     assert [e["event_id"] for e in want["c1"][:4]] == ["e1", "e4", "e5", "e6"]

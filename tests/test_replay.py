@@ -150,9 +150,9 @@ def test_cli_replay_text_and_json(archived, capsys) -> None:
 
 
 def test_backtest_fold_mirrors_the_lead_log_fold(archived) -> None:
-    """services.backtest_log.LogFold (no derived events, join states rebuilt from the anonymous events) ends in
+    """projections.log_fold.LogFold (no derived events, join states rebuilt from the anonymous events) ends in
     the same states and MQL hand-offs as projections.lead_log.apply over the same lead-keyed log."""
-    from services.backtest_log import LogFold
+    from projections.log_fold import LogFold
 
     anon: dict[str, list[dict]] = {}
     for ev in archived["events"]:
