@@ -220,7 +220,8 @@ def _parse_time(s: str):
     return dt.astimezone(timezone.utc)
 
 
-def _text(out: dict, explain: bool) -> str:
+def replay_text(out: dict, explain: bool) -> str:
+    """A replay (``replay_lead``) as the CLI prints it: step by step, then the state (and its explanation)."""
     lines = [f"lead {out['lead']}: {out['replayed']} of {out['records']} archived records"
              + (f" as of {out['as_of']}" if out["as_of"] else "")]
     if out["stopped_at"]:
@@ -300,7 +301,7 @@ def replay_main(argv: Optional[list[str]] = None) -> int:
     if a.json:
         print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     else:
-        print(_text(out, a.explain))
+        print(replay_text(out, a.explain))
     return 0
 
 

@@ -4,6 +4,10 @@
    identifies her (the anonymous history joins her lead), pricing views, a seminar and a meeting → hand-off.
 2. Ben (a list entry): a form without the full attribute set → stays `known`.
 3. Chie (sales-generated lead): a CRM stage change straight to `sql`, and an illegal one that is rejected.
+
+Then, from the immutable sources (issue #7): Aiko's history replayed from the archive with the rules and points
+behind every change, the archive's hash chains verified, and a back-test over the Kafka log of a candidate rule
+set (deploy/rules/candidate.yaml) against the rules in force (published on the `rules` topic first).
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ async def show(cfg: Settings, leads: list[str], timeout: float = 60.0) -> int:
         print("no hand-off arrived in time: is the processor running?", file=sys.stderr)
         return 1
     await show_projections(leads)
+    await show_audit(cfg, leads)
     return 0
 
 
@@ -158,6 +163,65 @@ async def show_projections(leads: list[str], timeout: float = 30.0) -> None:
     board = f"http://127.0.0.1:{os.environ.get('LEADLEDGER_ALERTS_PORT', '8082')}/board"
     print(f"hot-lead board for inside sales: {board} (token dev-sales-token)")
 
+
+
+CANDIDATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "rules",
+                         "candidate.yaml")
+
+
+async def show_audit(cfg: Settings, leads: list[str], timeout: float = 30.0) -> None:
+    """Issue #7 on the demo's leads: Aiko replayed from the archive (`leadledger replay --explain`), the archive's
+    hash chains (`leadledger audit verify`), and `leadledger backtest --rules deploy/rules/candidate.yaml` over the
+    log against the rules in force, which are published on the `rules` topic first (`leadledger rules publish`)."""
+    from projections import sql_schema
+    from projections.rules import RuleBook
+    from services import audit, backtest_log
+    from services.rules_log import book_from_log, load_book, publish, rules_topic
+
+    db = os.environ.get("LEADLEDGER_DATABASE_URL")
+    if not db:
+        print("\n(no LEADLEDGER_DATABASE_URL: the archive's replay and audit are shown by `leadledger stack --demo`)")
+        return
+    book = load_book(None)  # the processor's rule files (LEADLEDGER_RULES)
+    engine = sql_schema.make_engine(db)
+    try:
+        # the projector archives the lead-keyed log as it arrives: wait until Aiko's hand-off is in the archive
+        deadline = asyncio.get_running_loop().time() + timeout
+        out = None
+        while asyncio.get_running_loop().time() < deadline:
+            out = await asyncio.to_thread(audit.replay_lead, engine, leads[0], book, None, True)
+            if out is not None and out["state"]["handoffs"] >= 1:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        engine.dispose()
+    if out is None:
+        print(f"\n(no archived record of {leads[0]} yet: is the projector running?)")
+        return
+    print(f"\n== {leads[0]} replayed from the archive (leadledger replay --lead KEY --explain) ==")
+    print(audit.replay_text(out, True))
+    records, n_leads, problems = await asyncio.to_thread(audit.verify, db)
+    print("\n== the archive's hash chains (leadledger audit verify) ==")
+    print(f"{records} archived records of {n_leads} leads: "
+          + ("every chain intact" if not problems else f"{len(problems)} problem(s), e.g. {problems[0]}"))
+    published = await publish(cfg.bootstrap, [rs.model for rs in book.sets])
+    baseline = await book_from_log(cfg.bootstrap)
+    candidate = RuleBook.from_paths([CANDIDATE])
+    result = await asyncio.to_thread(backtest_log.run, cfg.bootstrap, cfg.topics, candidate, baseline, None, None, 1)
+    print("\n== back-test over the Kafka log (leadledger backtest --rules deploy/rules/candidate.yaml) ==")
+    print(f"rules in force (topic {rules_topic()}"
+          + (f", just published: {', '.join(published)}" if published else "") + f"): "
+          f"{', '.join(result['baseline']['rules_versions'])}; candidate: "
+          f"{', '.join(result['candidate']['rules_versions'])} (MQL at engagement 25 instead of 40)")
+    log = result["log"]
+    print(f"the whole log: {log['touchpoints']} touchpoints, {log['leads']} leads; MQL hand-offs "
+          f"{result['mqls']['baseline']} -> {result['mqls']['candidate']}; leads {result['leads']}")
+    for row in result["differences"]:
+        if row["lead"] in leads:
+            delta = row["delta_days"]
+            when = f", {abs(delta) * 1440:.0f} minutes {'earlier' if delta < 0 else 'later'}" if delta != "" else ""
+            print(f"  {row['lead']}: {row['change']} (MQL at {row['baseline_mql_at'] or '-'} -> "
+                  f"{row['candidate_mql_at'] or '-'}{when})")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="leadledger demo")

@@ -232,10 +232,7 @@ async def test_backtest_of_rules_in_force_reproduces_live_mqls(run, tmp_path: Pa
     assert sharded["records"] == folded["records"] and sharded["leads"] == folded["leads"]
 
     # a looser candidate over a window: MQLs only earlier or new, never later or lost; CSV of the differences
-    loose = tmp_path / "loose.yaml"
-    text = Path(default_rules_paths()[0]).read_text().replace('version: "2026-11-default"', 'version: "loose"') \
-        .replace("min_engagement: 40", "min_engagement: 25")
-    loose.write_text(text)
+    loose = Path(default_rules_paths()[0]).parent / "candidate.yaml"  # the default with min_engagement 25
     out_csv = tmp_path / "diff.csv"
     env = {**os.environ, "LEADLEDGER_TOPIC_RULES": run["rules_topic"]}
     # the window covers the whole history: a looser rule can then only make a lead's first MQL earlier (or new);
