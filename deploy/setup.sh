@@ -26,12 +26,12 @@ fi
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
   echo "[setup] installing Python dependencies (pinned by constraints.txt)"
   .venv/bin/python -m pip install -q --upgrade pip
-  # the fold is compiled in place below (the editable install would compile it once more, elsewhere)
+  # the compiled modules are built in place below (the editable install would compile them once more, elsewhere)
   LEADLEDGER_PURE_PYTHON=1 .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
   touch .venv/.installed
 fi
-# the compiled fold (setup.py, Cython): rebuilt in place when projections/fold.py or fold.pxd changed (a no-op
-# otherwise); LEADLEDGER_PURE_PYTHON=1 runs the plain source instead
+# the compiled modules (setup.py, Cython: the fold, the log fold, the wire format): rebuilt in place when a source or
+# its .pxd changed (a no-op otherwise); LEADLEDGER_PURE_PYTHON=1 runs the plain sources instead
 if [ "${LEADLEDGER_PURE_PYTHON:-}" != 1 ]; then
   .venv/bin/python setup.py -q build_ext --inplace 2> >(grep -v -e _BetaConfiguration -e 'warnings.warn(msg' >&2)
 fi

@@ -4,6 +4,8 @@ captured end respected, also in the middle of a batch."""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from services.backtest_log import read_log, scan_log
@@ -128,20 +130,14 @@ def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str,
         assert sorted(out["mqls"][0]) == sorted(out["mqls"][1]) == sorted(mem.mqls), (jobs, forked)
 
 
-def test_collect_anonymous_keeps_exactly_the_foldable_anonymous_only_events() -> None:
-    """The byte-level sorting of touchpoints (projections.log_fold.collect_anonymous) keeps, per cookie and in log
-    order, exactly the events the identity stage folds as anonymous: decoded, anonymous-only, a valid envelope —
-    whatever the record's key, the member names' spelling or what the payload holds."""
-    from collections import namedtuple
-
+def touchpoint_cases() -> list[tuple[bytes, Any]]:
+    """(key, value) touchpoint records for the sorting of anonymous events: every way a record can look (keyed by
+    its cookie or not, member names spelled otherwise, nested names, undecodable, dead-lettered, a tombstone), then a
+    generated history keyed as ingest keys it."""
     import orjson
 
     from bench.gen_history import generate
-    from events.wire import check_envelope, decode
-    from projections.fold import subject_of
-    from projections.log_fold import anonymous_event, collect_anonymous
 
-    Rec = namedtuple("Rec", "key value")
     base = {"event_id": "e", "type": "page_viewed", "occurred_at": "2026-03-01T09:00:00.000001+00:00",
             "received_at": "2026-03-01T09:00:01.000001+00:00", "lead_id": None, "anonymous_id": "c1", "email": None,
             "source": "web", "campaign": None, "payload": {"url": "/pricing"}, "schema_version": 2}
@@ -149,27 +145,42 @@ def test_collect_anonymous_keeps_exactly_the_foldable_anonymous_only_events() ->
     def ev(i: int, **kw: object) -> dict:
         return {**base, "event_id": f"e{i}", **kw}
 
-    recs = [
-        Rec(b"c1", orjson.dumps(ev(1))),                                                  # as ingest writes it
-        Rec(b"a@x.example", orjson.dumps(ev(2, email="a@x.example"))),                    # identified: no
-        Rec(b"a@x.example", orjson.dumps(ev(3, email="a@x.example", anonymous_id=None))), # no cookie
-        Rec(b"c1", orjson.dumps(ev(4, payload={"anonymous_id": None}))),                  # a nested null member
-        Rec(b"c1", orjson.dumps(ev(5, payload={"field": "anonymous_id"}))),               # the name as a value
-        Rec(b"elsewhere", orjson.dumps(ev(6))),                                           # keyed by another key
-        Rec(b"c2", orjson.dumps(ev(7, anonymous_id="c2")).replace(b"anonymous_id", b"anonymous\\u005fid")),
-        Rec(b"c3", orjson.dumps(ev(8, anonymous_id="c3")).replace(b'"anonymous_id":', b'"anonymous_id" : ')),
-        Rec(b"c1", b'{"anonymous_id":"c1", not json'),                                    # undecodable
-        Rec(b"c1", b'["anonymous_id", "c1"]'),                                            # not an object
-        Rec(b"c1", orjson.dumps(ev(9, occurred_at="yesterday"))),                         # dead-lettered live
-        Rec(b'c1","x', orjson.dumps(ev(10))),                                             # a key with a quote
-        Rec(b"c4", orjson.dumps({k: v for k, v in ev(11, anonymous_id="c4").items() if k != "schema_version"}
-                                | {"schema_version": 1})),                                # upcast on decoding
-        Rec(b"c1", None),                                                                 # a tombstone
-        Rec(b"c5", orjson.dumps(ev(12, anonymous_id="c5", payload={"note": 'say "hi"'}))),  # escapes elsewhere
+    cases: list[tuple[bytes, Any]] = [
+        (b"c1", orjson.dumps(ev(1))),                                                     # as ingest writes it
+        (b"a@x.example", orjson.dumps(ev(2, email="a@x.example"))),                       # identified: no
+        (b"a@x.example", orjson.dumps(ev(3, email="a@x.example", anonymous_id=None))),    # no cookie
+        (b"c1", orjson.dumps(ev(4, payload={"anonymous_id": None}))),                     # a nested null member
+        (b"c1", orjson.dumps(ev(5, payload={"field": "anonymous_id"}))),                  # the name as a value
+        (b"elsewhere", orjson.dumps(ev(6))),                                              # keyed by another key
+        (b"c2", orjson.dumps(ev(7, anonymous_id="c2")).replace(b"anonymous_id", b"anonymous\\u005fid")),
+        (b"c3", orjson.dumps(ev(8, anonymous_id="c3")).replace(b'"anonymous_id":', b'"anonymous_id" : ')),
+        (b"c1", b'{"anonymous_id":"c1", not json'),                                       # undecodable
+        (b"c1", b'["anonymous_id", "c1"]'),                                               # not an object
+        (b"c1", orjson.dumps(ev(9, occurred_at="yesterday"))),                            # dead-lettered live
+        (b'c1","x', orjson.dumps(ev(10))),                                                # a key with a quote
+        (b"c4", orjson.dumps({k: v for k, v in ev(11, anonymous_id="c4").items() if k != "schema_version"}
+                             | {"schema_version": 1})),                                   # upcast on decoding
+        (b"c1", None),                                                                    # a tombstone
+        (b"c5", orjson.dumps(ev(12, anonymous_id="c5", payload={"note": 'say "hi"'}))),   # escapes elsewhere
     ]
     history = generate(2000, 80, seed=3)
-    recs += [Rec((e["lead_id"] or e["email"] or e["anonymous_id"]).encode(), orjson.dumps(e)) for e in history]
+    return cases + [((e["lead_id"] or e["email"] or e["anonymous_id"]).encode(), orjson.dumps(e)) for e in history]
 
+
+class Rec(NamedTuple):
+    key: bytes
+    value: Any
+
+
+def test_collect_anonymous_keeps_exactly_the_foldable_anonymous_only_events() -> None:
+    """The byte-level sorting of touchpoints (projections.log_fold.collect_anonymous) keeps, per cookie and in log
+    order, exactly the events the identity stage folds as anonymous: decoded, anonymous-only, a valid envelope —
+    whatever the record's key, the member names' spelling or what the payload holds."""
+    from events.wire import check_envelope, decode
+    from projections.fold import subject_of
+    from projections.log_fold import anonymous_event, collect_anonymous
+
+    recs = [Rec(k, v) for k, v in touchpoint_cases()]
     want: dict[str, list[dict]] = {}
     for r in recs:
         try:

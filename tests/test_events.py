@@ -159,3 +159,47 @@ def test_encode_timestamp_format_any_fraction(micro: int) -> None:
     d = orjson.loads(encode(env))
     assert d["occurred_at"] == d["received_at"] == f"2026-03-01T09:00:00.{micro:06d}+00:00"
     assert d == to_wire_dict(env)
+
+
+class _Dict(dict):
+    """A dict subclass: never what orjson decodes, so the one-pass acceptance leaves it to the field walk."""
+
+
+_ANY_VALUE = st.one_of(st.none(), st.just(""), st.just(" "), st.just("x"), st.text(max_size=3), st.integers(0, 2),
+                       st.just("x" * 129), st.just({}), st.just([]), st.just(_Dict()))
+_TIMES = st.one_of(st.just("2026-03-01T09:00:00.000001+00:00"), st.just("2026-03-01T09:00:00+09:00"),
+                   st.just("2026-03-01T09:00:00"), st.just("yesterday"), st.just("2026-02-30T00:00:00+00:00"),
+                   _ANY_VALUE)
+ENVELOPES = st.tuples(st.fixed_dictionaries({}, optional={
+    "event_id": st.one_of(st.just("e-1"), _ANY_VALUE), "type": st.one_of(st.just("page_viewed"), _ANY_VALUE),
+    "occurred_at": _TIMES, "received_at": _TIMES, "payload": st.one_of(st.just({"url": "/"}), _ANY_VALUE),
+    "lead_id": _ANY_VALUE, "email": st.one_of(st.just("a@x.example"), _ANY_VALUE),
+    "anonymous_id": _ANY_VALUE}), st.booleans()).map(lambda x: _Dict(x[0]) if x[1] else x[0])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(ENVELOPES)
+def test_check_envelope_accepts_in_one_pass_exactly_what_the_field_walk_accepts(ev: dict) -> None:
+    from events.wire import _envelope_problem, check_envelope
+
+    assert check_envelope(ev) == _envelope_problem(ev)
+
+
+def test_check_envelope_words_each_reason() -> None:
+    from events.wire import check_envelope
+
+    ok = {"event_id": "e-1", "type": "page_viewed", "occurred_at": "2026-03-01T09:00:00.000001+00:00",
+          "received_at": "2026-03-01T09:00:01.000001+00:00", "lead_id": None, "anonymous_id": "c1", "email": None,
+          "payload": {"url": "/"}}
+    assert check_envelope(ok) is None and check_envelope(_Dict(ok)) is None
+    assert check_envelope([ok]) == "a touchpoint must be a JSON object"
+    cases = {"event_id": ("x" * 129, "event_id: a string of 1-128 characters is required"),
+             "type": ("", "type: required"),
+             "occurred_at": ("2026-03-01T09:00:00", "occurred_at: an offset is required: '2026-03-01T09:00:00'"),
+             "received_at": ("soon", "received_at: not an RFC 3339 timestamp: 'soon'"),
+             "payload": ([], "payload: must be an object"),
+             "anonymous_id": (7, "anonymous_id: must be a string or null")}
+    for field, (value, reason) in cases.items():
+        assert check_envelope({**ok, field: value}) == reason, field
+    assert check_envelope({**ok, "anonymous_id": None, "email": " "}) == \
+        "one of lead_id, email, anonymous_id is required"

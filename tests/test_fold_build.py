@@ -86,3 +86,46 @@ def test_compiled_epoch_seconds_equal_datetime_timestamp() -> None:
             for _ in range(100_000)]
     for s in [*wire, *EDGE_TIMESTAMPS]:
         assert _outcome(fold.epoch_s, s) == _outcome(lambda x: datetime.fromisoformat(x).timestamp(), s), s
+
+
+@pytest.mark.skipif(PURE, reason="LEADLEDGER_PURE_PYTHON=1 runs the sources")
+def test_the_other_compiled_modules_are_in_use() -> None:
+    import events.wire
+    import projections.log_fold
+
+    for module in (projections.log_fold, events.wire):
+        assert is_compiled(module), f"{module.__file__}: not compiled; run `bash deploy/setup.sh`"
+
+
+@pytest.mark.skipif(PURE, reason="no compiled modules to compare")
+def test_compiled_envelope_check_and_log_fold_agree_with_their_sources() -> None:
+    """events.wire.check_envelope and projections.log_fold (the back-test's sorting of touchpoints and decoding of
+    lead-keyed records) compiled and as plain Python: the same answers on every case of their tests."""
+    import events.wire
+    import projections.log_fold
+    from hypothesis import given, settings
+
+    from projections import source_module
+    from tests.test_backtest_reader import Rec, touchpoint_cases
+    from tests.test_events import ENVELOPES
+
+    root = Path(__file__).resolve().parent.parent
+    wire_src = source_module(root / "events" / "wire.py", "leadledger_wire_source")
+    log_src = source_module(root / "projections" / "log_fold.py", "leadledger_log_fold_source")
+    assert not is_compiled(wire_src) and not is_compiled(log_src)
+
+    @settings(max_examples=2000, deadline=None)
+    @given(ENVELOPES)
+    def same_check(ev: dict) -> None:
+        assert events.wire.check_envelope(ev) == wire_src.check_envelope(ev)
+
+    same_check()
+    recs = [Rec(k, v) for k, v in touchpoint_cases()]
+    compiled: dict[str, list] = {}
+    source: dict[str, list] = {}
+    projections.log_fold.collect_anonymous(recs, compiled)
+    log_src.collect_anonymous(recs, source)
+    assert compiled == source and len(compiled) > 50
+    raw = [v if v is not None else b"" for _k, v in touchpoint_cases()]
+    assert projections.log_fold.lead_records(raw) == log_src.lead_records(raw)
+    assert projections.log_fold.lead_records(raw)[1] == 4  # undecodable, not an object, "yesterday", empty
