@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -77,17 +78,36 @@ async def scan_log(bootstrap: str, topic: str, on_records: Callable[[int, list],
     returned record batches (aiokafka's C parser, CRCs checked, ``read_committed``: control batches and aborted
     transactions skipped as aiokafka's ``PartitionRecords`` does). The next fetch is in flight while the records of
     the previous one are handed out, so the broker works beside this process."""
+    async with _reader(bootstrap) as consumer:
+        tps = await topic_partitions(consumer, topic)
+        end = ends if ends is not None else (await consumer.end_offsets(tps) if tps else {})
+        await _scan(consumer, topic, [tp for tp in tps if end.get(tp, 0) > 0], end, on_records)
+
+
+@contextlib.asynccontextmanager
+async def _reader(bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A started consumer whose client ``_scan`` sends its fetch requests through."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 isolation_level="read_committed")
     await consumer.start()
+    # let the consumer's background task take its first step: a stop() right after start() would otherwise raise
+    # CancelledError from awaiting that task (aiokafka issue #647)
+    await asyncio.sleep(0)
     try:
-        tps = await topic_partitions(consumer, topic)
-        end = ends if ends is not None else (await consumer.end_offsets(tps) if tps else {})
-        tps = [tp for tp in tps if end.get(tp, 0) > 0]
-        if not tps:
-            return
-        begin = await consumer.beginning_offsets(tps)
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def _scan(consumer: AIOKafkaConsumer, topic: str, tps: list, end: dict,
+                on_records: Callable[[int, list], None], begin: Optional[dict] = None) -> None:
+    """``scan_log``'s fetch loop over partitions ``tps`` of ``topic`` from ``begin`` (default: their beginning
+    offsets now) up to ``end``, through ``consumer``. One partition alone is fetched up to FETCH_BYTES at a time."""
+    if tps:
+        if begin is None:
+            begin = await consumer.beginning_offsets(tps)
         pos = {tp: begin[tp] for tp in tps if begin[tp] < end[tp]}
+        part_bytes = PARTITION_BYTES if len(tps) > 1 else FETCH_BYTES
         client = consumer._client
         last_progress = {tp: time.monotonic() for tp in pos}
         last_ok = [time.monotonic()]   # the last fetch answered
@@ -100,7 +120,7 @@ async def scan_log(bootstrap: str, topic: str, on_records: Callable[[int, list],
                 if None in by_node or -1 in by_node:
                     raise Errors.LeaderNotAvailableError(f"no leader known for a partition of {topic}")
                 reqs = [client.send(node, FetchRequest(500, 1, FETCH_BYTES, READ_COMMITTED,
-                                                       [(topic, [(tp.partition, pos[tp], PARTITION_BYTES)
+                                                       [(topic, [(tp.partition, pos[tp], part_bytes)
                                                                  for tp in ps])]))
                         for node, ps in by_node.items()]
                 return list(await asyncio.gather(*reqs))
@@ -155,8 +175,6 @@ async def scan_log(bootstrap: str, topic: str, on_records: Callable[[int, list],
         finally:
             if pending is not None:
                 pending.cancel()
-    finally:
-        await consumer.stop()
 
 
 def _walk(records: MemoryRecords, aborted: Optional[list], partition: int, start: int, stop: int,
@@ -236,9 +254,11 @@ async def read_anonymous(bootstrap: str, topic: str, ends: Optional[dict] = None
 
 
 async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon: dict[str, list],
-                        ends: dict) -> dict:
+                        ends: dict, claim: Optional[Callable[[], Optional[tuple[TopicPartition, int]]]] = None) -> dict:
     """Fold the lead-keyed log up to ``ends`` under each book; returns ``{"mqls": [[...] per book], "records",
-    "leads", "short_joins", "left_out"}`` (``left_out``: records the live lead stage dead-letters unfolded)."""
+    "leads", "short_joins", "left_out"}`` (``left_out``: records the live lead stage dead-letters unfolded). Then,
+    with ``claim``, the partitions ``claim()`` hands out with their end offsets, one at a time until it returns None,
+    each read and folded before the next is claimed (``fold_books``: the processes' last partitions)."""
     folds = [LogFold(b, anon) for b in books]
     # The lead-keyed records are grouped by lead (raw key and value bytes) as they arrive; every CHUNK records the
     # groups are decoded and folded lead by lead, each book in turn. Leads are independent and each keeps its log
@@ -274,6 +294,14 @@ async def fold_lead_log(bootstrap: str, topic: str, books: list[RuleBook], anon:
     if any(ends.values()):
         await scan_log(bootstrap, topic, on_records, ends)
     flush()
+    got = claim() if claim is not None else None
+    if got is not None:
+        async with _reader(bootstrap) as consumer:
+            while got is not None:
+                tp, end = got
+                await _scan(consumer, topic, [tp], {tp: end}, on_records)
+                flush()
+                got = claim()
     return {"records": queued[1], "mqls": [f.mqls for f in folds], "leads": len(folds[0].states) if folds else 0,
             "short_joins": [f.short_joins for f in folds], "left_out": queued[2]}
 
@@ -312,7 +340,7 @@ def _fold_shard(bootstrap: str, topics: dict, books: list[list[dict]], ends: dic
 
 
 def _fold_child(conn: Any, bootstrap: str, topics: Topics, books: list[RuleBook], tp_ends: dict,
-                ends: dict) -> None:
+                ends: dict, claim: Callable[[], Optional[tuple[TopicPartition, int]]]) -> None:
     """Forked worker: read its share of the ``touchpoints`` partitions, swap the anonymous events with the parent
     (it sends its share, receives the others'), fold one shard of the lead-keyed log and send the result (or the
     error) back; exit without the interpreter's teardown (freeing every lead state one by one would only cost
@@ -323,7 +351,7 @@ def _fold_child(conn: Any, bootstrap: str, topics: Topics, books: list[RuleBook]
             conn.send(("anonymous", mine))
             others = conn.recv()
             anon = merge_anonymous([mine, *others])
-            result = asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, ends))
+            result = asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, ends, claim))
             result["touchpoints"] = n_tp
             out: tuple = ("ok", result)
         except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
@@ -334,6 +362,22 @@ def _fold_child(conn: Any, bootstrap: str, topics: Topics, books: list[RuleBook]
         conn.close()
     finally:
         os._exit(0)
+
+
+def _largest_first(ends: dict) -> list[TopicPartition]:
+    """The partitions with records in ``ends``, the largest (end offset) first."""
+    return sorted((tp for tp, n in ends.items() if n > 0), key=lambda tp: (-ends[tp], tp.partition))
+
+
+def _claims(items: list, taken: Any) -> Callable[[], Any]:
+    """``claim()`` over ``items`` shared by forked processes: each call hands out the next item not yet handed out to
+    any of them (``taken``: a ``multiprocessing.Value`` counter made before the fork), then None."""
+    def claim() -> Any:
+        with taken.get_lock():
+            i = taken.value
+            taken.value = i + 1
+        return items[i] if i < len(items) else None
+    return claim
 
 
 def _from_child(conn: Any, want: str) -> Any:
@@ -348,14 +392,17 @@ def _from_child(conn: Any, want: str) -> Any:
 
 
 def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int = 1) -> dict:
-    """``fold_log`` in ``jobs`` processes, each folding every book over a shard of the lead-keyed partitions
-    (balanced by size, ``_balanced_ends``); results are merged in shard order.
+    """``fold_log`` in ``jobs`` processes, each folding every book over a part of the lead-keyed partitions; results
+    are merged in process order.
 
-    This process forks a child per shard but the first, which it folds itself: the children inherit the rule books
-    and the interpreter (no start-up, no re-import: ≈ 1 s per process on this machine). Every process reads a share
-    of the ``touchpoints`` partitions (balanced the same way) for the anonymous events that joins rebuild, and the
-    shares are swapped through pipes, so that serial read is split too. When this process has other threads
-    (forking them is unsafe), every shard runs in a spawned process that reads the whole touchpoints log itself."""
+    This process forks ``jobs - 1`` children and folds beside them: the children inherit the rule books and the
+    interpreter (no start-up, no re-import: ≈ 1 s per process on this machine). Every process reads a share of the
+    ``touchpoints`` partitions (balanced by size, ``_balanced_ends``) for the anonymous events that joins rebuild,
+    and the shares are swapped through pipes, so that serial read is split too. The lead-keyed partitions: the
+    largest are dealt out the same way (each process reads its share in one pipelined scan), the smallest two per
+    process are then claimed one by one by whichever process is free first. When this process has other threads
+    (forking them is unsafe), every shard runs in a spawned process that reads the whole touchpoints log itself
+    and folds a fixed share of the lead-keyed partitions."""
     if jobs <= 1:
         return fold_log(bootstrap, topics, books)
     import multiprocessing
@@ -368,12 +415,20 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
                 return await end_offsets(bootstrap, topics.by_lead), await end_offsets(bootstrap, topics.touchpoints)
 
             ends, tp_ends = asyncio.run(prepare())
-            split, tp_split = _balanced_ends(ends, jobs), _balanced_ends(tp_ends, jobs)
+            # the smallest lead-keyed partitions are claimed, not dealt out: a process slower than the other (its
+            # leads cost more, or the machine gives it less CPU) then does not leave the other waiting for it at the
+            # end (the parent had waited 0.1-0.5 s of ≈ 2 s). Each claimed partition is read on its own, without the
+            # pipelined fetch of a share: claiming them all had cost as much as it saved
+            order = _largest_first(ends)
+            pool = order[len(order) - min(len(order) // 2, 2 * jobs):]
+            split = _balanced_ends({tp: (0 if tp in pool else n) for tp, n in ends.items()}, jobs)
+            tp_split = _balanced_ends(tp_ends, jobs)
+            claim = _claims([(tp, ends[tp]) for tp in pool], ctx.Value("i", 0))
             children = []
             for shard in range(1, jobs):
                 mine, theirs = ctx.Pipe()
                 proc = ctx.Process(target=_fold_child, daemon=True,
-                                   args=(theirs, bootstrap, topics, books, tp_split[shard], split[shard]))
+                                   args=(theirs, bootstrap, topics, books, tp_split[shard], split[shard], claim))
                 proc.start()
                 theirs.close()
                 children.append((proc, mine))
@@ -384,7 +439,7 @@ def fold_books(bootstrap: str, topics: Topics, books: list[RuleBook], jobs: int 
                     conn.send(shares[:i] + shares[i + 1:])
                 anon = merge_anonymous(shares)
                 del shares
-                parts = [asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, split[0]))]
+                parts = [asyncio.run(fold_lead_log(bootstrap, topics.by_lead, books, anon, split[0], claim))]
                 parts[0]["touchpoints"] = n_tp
                 for proc, conn in children:
                     parts.append(_from_child(conn, "ok"))

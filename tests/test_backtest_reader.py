@@ -198,3 +198,13 @@ def test_collect_anonymous_keeps_exactly_the_foldable_anonymous_only_events() ->
     assert [e["event_id"] for e in want["c1"][:4]] == ["e1", "e4", "e5", "e6"]
     assert {"c2", "c3", "c4", "c5"} <= set(want)
     assert sum(isinstance(e, bytes) for evs in anon.values() for e in evs) > 100  # most kept raw, not decoded
+
+
+async def test_a_reader_stopped_right_after_it_started_stops_cleanly(kafka_bootstrap: str) -> None:
+    """A process that claims no partition opens no reader; one that does may stop it at once: aiokafka's consumer
+    raised CancelledError from stop() right after start() (aiokafka issue #647) until the reader let it settle."""
+    from services.backtest_log import _reader
+
+    for _ in range(50):
+        async with _reader(kafka_bootstrap) as consumer:
+            assert consumer is not None
