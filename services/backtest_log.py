@@ -64,7 +64,7 @@ CHUNK = 200_000   # lead-keyed records decoded and grouped by lead before they a
 
 FETCH_BYTES = 16 * 1024 * 1024      # per fetch request (one in flight while the previous response is folded)
 PARTITION_BYTES = 4 * 1024 * 1024   # per partition and fetch
-STALL_S = 10.0                      # a partition that makes no progress this long below its end is given up
+STALL_S = 10.0                      # a partition held this long below its end by an open transaction is given up
 
 
 async def scan_log(bootstrap: str, topic: str, on_records: Callable[[int, list], None],
@@ -139,6 +139,7 @@ async def _scan(consumer: AIOKafkaConsumer, topic: str, tps: list, end: dict,
                 if responses:
                     last_ok[0] = time.monotonic()
                 runs: list[tuple[int, Any, int, int, int]] = []   # (partition, batch, its base, from, to offset)
+                served: list[TopicPartition] = []
                 stale = False
                 now = time.monotonic()
                 for resp in responses:
@@ -159,10 +160,18 @@ async def _scan(consumer: AIOKafkaConsumer, topic: str, tps: list, end: dict,
                             if nxt > start:
                                 pos[tp] = nxt
                                 last_progress[tp] = now
+                                served.append(tp)
+                            elif resp.API_VERSION >= 4 and pd[0] > start:
+                                # committed records beyond our position (last stable offset), none in this
+                                # response: it was full before this partition's turn. Waiting, not stalled
+                                last_progress[tp] = now
                             if nxt >= stop:
                                 del pos[tp]
                 for tp in [tp for tp in pos if now - last_progress[tp] > STALL_S and now - last_ok[0] < 1.0]:
                     del pos[tp]   # answered, yet no progress: only an open transaction left below the captured end
+                for tp in served:  # the broker fills a response in the order asked: the partitions just served last
+                    if tp in pos:
+                        pos[tp] = pos.pop(tp)
                 if stale:
                     await client.force_metadata_update()
                 if pos:

@@ -208,3 +208,61 @@ async def test_a_reader_stopped_right_after_it_started_stops_cleanly(kafka_boots
     for _ in range(50):
         async with _reader(kafka_bootstrap) as consumer:
             assert consumer is not None
+
+
+async def test_a_partition_left_out_of_full_fetch_responses_is_read_not_given_up(kafka_bootstrap: str, unique: str,
+                                                                                 monkeypatch) -> None:
+    """A fetch response has a size limit: the broker fills it partition by partition in the order asked, so the
+    others wait their turn. Waiting for room is not the stall the reader gives up on (a partition held below its
+    end by an open transaction): with tiny responses and no patience at all, every record is still read."""
+    from services import backtest_log
+
+    topic = f"bt-starve-{unique}"
+    await ensure_topics(kafka_bootstrap, [topic], partitions=4)
+    p = make_producer(kafka_bootstrap)
+    await p.start()
+    try:
+        for i in range(800):
+            await p.send(topic, b"%d:" % i + b"x" * 400, key=b"k", partition=i % 4)
+        await p.flush()
+    finally:
+        await p.stop()
+    monkeypatch.setattr(backtest_log, "FETCH_BYTES", 4096)
+    monkeypatch.setattr(backtest_log, "PARTITION_BYTES", 4096)
+    monkeypatch.setattr(backtest_log, "STALL_S", 0.0)
+    got: dict[int, int] = {}
+
+    def on(partition: int, recs: list) -> None:
+        got[partition] = got.get(partition, 0) + len(recs)
+
+    await scan_log(kafka_bootstrap, topic, on)
+    assert got == {0: 200, 1: 200, 2: 200, 3: 200}
+
+
+async def test_a_partition_held_by_an_open_transaction_is_given_up_with_what_was_committed(
+        kafka_bootstrap: str, unique: str, monkeypatch) -> None:
+    """The end offsets a read captures include an open transaction's records; read_committed stops below them. The
+    reader returns what was committed and gives that partition up once it has made no progress for STALL_S."""
+    from services import backtest_log
+
+    topic = f"bt-open-tx-{unique}"
+    await ensure_topics(kafka_bootstrap, [topic], partitions=2)
+    plain = make_producer(kafka_bootstrap)
+    tx = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"bt-open-{unique}")
+    await plain.start()
+    await tx.start()
+    try:
+        for i in range(20):
+            await plain.send(topic, b"c%d" % i, partition=i % 2)
+        await plain.flush()
+        await tx.begin_transaction()
+        await tx.send(topic, b"open", partition=0)
+        await tx.flush()  # on the log, not committed
+        monkeypatch.setattr(backtest_log, "STALL_S", 0.5)
+        got: list[bytes] = []
+        await scan_log(kafka_bootstrap, topic, lambda _p, recs: got.extend(r.value for r in recs))
+        assert sorted(got) == sorted(b"c%d" % i for i in range(20))
+        await tx.abort_transaction()
+    finally:
+        await tx.stop()
+        await plain.stop()
