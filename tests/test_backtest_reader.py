@@ -1,16 +1,34 @@
 """The back-test's own log reader (services.backtest_log.scan_log / read_log) against the real broker: what a
 read_committed consumer sees, in partition order — aborted transactions and transaction markers skipped, the
-captured end respected, also in the middle of a batch."""
+captured end respected, also in the middle of a batch; partitions waiting for room in full fetch responses read,
+one held by an open transaction given up. Then the back-test over that reader (fold_books, one process and
+several) against the in-memory fold, and the sorting of touchpoints into a cookie's anonymous events."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import contextlib
+from typing import Any, AsyncIterator, NamedTuple
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from services.backtest_log import read_log, scan_log
 from services.derived_reader import read_log as consumer_read_log
 from services.kafka_io import ensure_topics, make_producer
+
+
+@contextlib.asynccontextmanager
+async def _producers(bootstrap: str, topic: str, partitions: int) -> AsyncIterator[tuple[Any, AIOKafkaProducer]]:
+    """``topic`` created, and a plain and a transactional producer for it, started (stopped on the way out)."""
+    await ensure_topics(bootstrap, [topic], partitions=partitions)
+    plain = make_producer(bootstrap)
+    tx = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"tx-{topic}")
+    await plain.start()
+    await tx.start()
+    try:
+        yield plain, tx
+    finally:
+        await tx.stop()
+        await plain.stop()
 
 
 async def _consumer_view(bootstrap: str, topic: str) -> dict[int, list[tuple[int, bytes, bytes]]]:
@@ -22,12 +40,7 @@ async def _consumer_view(bootstrap: str, topic: str) -> dict[int, list[tuple[int
 
 async def test_scan_log_reads_what_a_read_committed_consumer_reads(kafka_bootstrap: str, unique: str) -> None:
     topic = f"bt-reader-{unique}"
-    await ensure_topics(kafka_bootstrap, [topic], partitions=3)
-    plain = make_producer(kafka_bootstrap)
-    tx = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"bt-reader-{unique}")
-    await plain.start()
-    await tx.start()
-    try:
+    async with _producers(kafka_bootstrap, topic, 3) as (plain, tx):
         for i in range(300):  # batched records, several per batch
             await plain.send(topic, b"plain-%d" % i, key=b"k%d" % (i % 7), partition=i % 3)
         await plain.flush()
@@ -43,9 +56,6 @@ async def test_scan_log_reads_what_a_read_committed_consumer_reads(kafka_bootstr
         for i in range(10):
             await plain.send(topic, b"tail-%d" % i, key=b"z", partition=0)
         await plain.flush()
-    finally:
-        await tx.stop()
-        await plain.stop()
 
     expected = await _consumer_view(kafka_bootstrap, topic)
     assert not any(b"tx1-" in v or b"tx3-" in v for recs in expected.values() for _o, _k, v in recs)  # aborted
@@ -246,12 +256,7 @@ async def test_a_partition_held_by_an_open_transaction_is_given_up_with_what_was
     from services import backtest_log
 
     topic = f"bt-open-tx-{unique}"
-    await ensure_topics(kafka_bootstrap, [topic], partitions=2)
-    plain = make_producer(kafka_bootstrap)
-    tx = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"bt-open-{unique}")
-    await plain.start()
-    await tx.start()
-    try:
+    async with _producers(kafka_bootstrap, topic, 2) as (plain, tx):
         for i in range(20):
             await plain.send(topic, b"c%d" % i, partition=i % 2)
         await plain.flush()
@@ -263,6 +268,3 @@ async def test_a_partition_held_by_an_open_transaction_is_given_up_with_what_was
         await scan_log(kafka_bootstrap, topic, lambda _p, recs: got.extend(r.value for r in recs))
         assert sorted(got) == sorted(b"c%d" % i for i in range(20))
         await tx.abort_transaction()
-    finally:
-        await tx.stop()
-        await plain.stop()
