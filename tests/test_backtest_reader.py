@@ -74,7 +74,7 @@ async def test_scan_log_reads_what_a_read_committed_consumer_reads(kafka_bootstr
     assert n == len(want) and sorted(seen) == sorted(want)
 
 
-def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str, unique: str) -> None:
+def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str, unique: str, monkeypatch) -> None:
     """fold_books over Kafka — one process, and shards in forked processes (this test's process has no other
     thread) or spawned ones — gives the MQLs of LogFold over the same log in memory."""
     import asyncio
@@ -85,6 +85,7 @@ def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str,
     from bench.gen_history import generate
     from projections.fold import normalise_email, subject_of
     from projections.log_fold import LogFold
+    from services import backtest_log
     from services.backtest_log import fold_books
     from services.config import Topics
     from tests.test_replay import BOOK, lead_keyed_log
@@ -132,12 +133,16 @@ def test_fold_books_over_the_log_equals_the_in_memory_fold(kafka_bootstrap: str,
         mem.apply(r["lead"], {k: v for k, v in r.items() if k != "lead"})
     assert mem.mqls
     forked = threading.active_count() == 1
-    for jobs in (1, 2, 3):
+    # also folded in chunks of 257 records (a log larger than CHUNK: leads folded in parts, in order; in forked
+    # processes the children inherit the setting)
+    for jobs, chunk in ((1, None), (2, None), (3, None), (1, 257), (2, 257)):
+        if chunk is not None:
+            monkeypatch.setattr(backtest_log, "CHUNK", chunk)
         out = fold_books(kafka_bootstrap, topics, [BOOK, BOOK], jobs)
         assert out["touchpoints"] == len(events) + 1 and out["records"] == len(log) + 4, (jobs, forked)
         assert out["left_out"] == 4  # the naive timestamp and the three poison records
         assert out["leads"] == len(mem.states) and out["short_joins"] == [0, 0]
-        assert sorted(out["mqls"][0]) == sorted(out["mqls"][1]) == sorted(mem.mqls), (jobs, forked)
+        assert sorted(out["mqls"][0]) == sorted(out["mqls"][1]) == sorted(mem.mqls), (jobs, chunk, forked)
 
 
 def touchpoint_cases() -> list[tuple[bytes, Any]]:
