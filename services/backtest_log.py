@@ -593,7 +593,8 @@ def default_jobs() -> int:
     env = os.environ.get("LEADLEDGER_BACKTEST_JOBS")
     if env:
         return int(env)
-    return max(1, min(MAX_DEFAULT_JOBS, len(os.sched_getaffinity(0))))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS
+    return max(1, min(MAX_DEFAULT_JOBS, usable))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
