@@ -273,3 +273,15 @@ async def test_a_partition_held_by_an_open_transaction_is_given_up_with_what_was
         await scan_log(kafka_bootstrap, topic, lambda _p, recs: got.extend(r.value for r in recs))
         assert sorted(got) == sorted(b"c%d" % i for i in range(20))
         await tx.abort_transaction()
+
+
+def test_jobs_default_to_the_usable_cpus_at_most_four(monkeypatch) -> None:
+    import os
+
+    from services.backtest_log import MAX_DEFAULT_JOBS, default_jobs
+
+    monkeypatch.delenv("LEADLEDGER_BACKTEST_JOBS", raising=False)
+    usable = len(os.sched_getaffinity(0))
+    assert default_jobs() == max(1, min(MAX_DEFAULT_JOBS, usable)) and MAX_DEFAULT_JOBS == 4
+    monkeypatch.setenv("LEADLEDGER_BACKTEST_JOBS", "7")
+    assert default_jobs() == 7
