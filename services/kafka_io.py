@@ -7,8 +7,9 @@ ours lands a subject on the same partition as the broker-side tools would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from typing import Iterable, Optional
+from typing import AsyncIterator, Iterable, Optional
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -32,13 +33,22 @@ def topic_configs(compacted: bool = False) -> dict[str, str]:
             "cleanup.policy": "compact" if compacted else "delete"}
 
 
+@contextlib.asynccontextmanager
+async def admin_client(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed on the way out."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
 async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
                         compacted: Iterable[str] = ()) -> list[str]:
     """Create the topics that do not exist yet (``topic_configs``: compaction where asked); returns their names."""
     compacted = set(compacted)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    await admin.start()
-    try:
+    async with admin_client(bootstrap) as admin:
         existing = set(await admin.list_topics())
         new = [NewTopic(name, num_partitions=partitions, replication_factor=1,
                         topic_configs=topic_configs(name in compacted))
@@ -49,8 +59,6 @@ async def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int,
             except TopicAlreadyExistsError:
                 pass
         return [t.name for t in new]
-    finally:
-        await admin.close()
 
 
 async def ensure_changelogs(bootstrap: str, names: list[str], partitions: int) -> list[str]:
@@ -65,29 +73,21 @@ async def ensure_changelogs(bootstrap: str, names: list[str], partitions: int) -
                                                   or int(have[n].get("max.message.bytes", 0)) < MAX_RECORD_BYTES)]
     if stale:
         want = topic_configs(compacted=True)
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-        await admin.start()
-        try:
+        async with admin_client(bootstrap) as admin:
             for a in await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, n, configs=want)
                                                 for n in stale]):
                 for code, message, _type, name in a.resources:
                     if code:
                         raise RuntimeError(f"changelog {name}: settings not changed: error {code} {message}")
-        finally:
-            await admin.close()
     return stale
 
 
 async def topic_settings(bootstrap: str, names: list[str]) -> dict[str, dict[str, str]]:
     """Each topic's settings as the broker reports them (its own and the broker's defaults); a topic the broker does
     not describe (unknown to it) is left out."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    await admin.start()
-    try:
+    async with admin_client(bootstrap) as admin:
         answers = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
         return {res[3]: {c[0]: c[1] for c in res[4]} for a in answers for res in a.resources if res[0] == 0}
-    finally:
-        await admin.close()
 
 
 async def record_offsets(bootstrap: str, topic: str, partition: int, start: int, end: int,

@@ -5,12 +5,11 @@ ensure_changelogs compacts a changelog the broker auto-created with its defaults
 from __future__ import annotations
 
 import orjson
+from aiokafka.admin import NewTopic
 
 from services.derived_reader import read_log
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-from services.kafka_io import (MAX_RECORD_BYTES, ensure_changelogs, ensure_topics, partition_for, produce_events,
-                               topic_settings)
+from services.kafka_io import (MAX_RECORD_BYTES, admin_client, ensure_changelogs, ensure_topics, partition_for,
+                               produce_events, topic_settings)
 
 
 async def test_produce_events_writes_each_subject_in_event_order_on_its_partition(kafka_bootstrap: str,
@@ -38,12 +37,8 @@ async def test_produce_events_writes_each_subject_in_event_order_on_its_partitio
 
 async def test_ensure_changelogs_compacts_one_made_with_the_broker_defaults(kafka_bootstrap: str, unique: str) -> None:
     old, new = f"proc-{unique}-leads-changelog", f"proc-{unique}-identity-changelog"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
+    async with admin_client(kafka_bootstrap) as admin:
         await admin.create_topics([NewTopic(old, num_partitions=3, replication_factor=1)])  # as auto-created
-    finally:
-        await admin.close()
     before = await topic_settings(kafka_bootstrap, [old])
     assert before[old]["cleanup.policy"] == "delete" and int(before[old]["max.message.bytes"]) < MAX_RECORD_BYTES
 
