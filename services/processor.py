@@ -613,12 +613,15 @@ class _Anonymous:
 
     def __init__(self, key: str, stored: bytes | None, upto: int) -> None:
         self.key, self.stored, self.upto = key, stored, upto
-        self.state = core.LeadState.from_bytes(stored) if stored else core.LeadState(key, True)
+        self.state = self._decoded()
         self.folded: list[dict[str, Any]] = []
+
+    def _decoded(self) -> core.LeadState:
+        return core.LeadState.from_bytes(self.stored) if self.stored else core.LeadState(self.key, True)
 
     def rebuild(self, book: RuleBook) -> None:
         """The state as before the failed fold: decoded again and the batch's good records folded (deterministic)."""
-        self.state = core.LeadState.from_bytes(self.stored) if self.stored else core.LeadState(self.key, True)
+        self.state = self._decoded()
         for r in self.folded:
             core.fold(self.state, r, book)
 
