@@ -76,10 +76,14 @@ class LogFold:
             self.short_joins += 1
         return st
 
-    def apply(self, lead: str, rec: dict) -> None:
+    def _state(self, lead: str) -> lead_log.LeadLogState:
         s = self.states.get(lead)
         if s is None:
             s = self.states[lead] = lead_log.LeadLogState(core.LeadState(lead, False))
+        return s
+
+    def apply(self, lead: str, rec: dict) -> None:
+        s = self._state(lead)
         if rec.get("type") != lead_log.RESOLVE_TYPE:
             self._touchpoint(lead, s, rec)
             return
@@ -90,9 +94,7 @@ class LogFold:
         the fold (the lead waits for no join answer, and the record asks for none) are folded in one call each;
         any other record (a join answer, a join request, a record held back) takes ``apply``'s path after the run
         before it was folded."""
-        s = self.states.get(lead)
-        if s is None:
-            s = self.states[lead] = lead_log.LeadLogState(core.LeadState(lead, False))
+        s = self._state(lead)
         resolve = lead_log.RESOLVE_TYPE
         subject_of = core.subject_of
         run: list[dict] = []
@@ -114,10 +116,7 @@ class LogFold:
         if p is None or p[0] != rec["anonymous_id"] or p[1] != rec["request_id"]:
             return
         s.pending = None
-        if p[0] not in s.resolved:
-            s.resolved.append(p[0])
-            if len(s.resolved) > lead_log.MAX_RESOLVED:
-                del s.resolved[0]
+        lead_log._remember(s, p[0])
         anon = self.anon_state(p[0], rec["state"]) if rec.get("state") else None
         held = p[2]
         self._fold(s, held[0], merge_from=anon)
@@ -125,20 +124,20 @@ class LogFold:
             self._touchpoint(lead, s, r)
 
 
-def _is_anonymous_only(ev: dict) -> bool:
-    return core.subject_of(ev)[0] is None and bool(ev.get("anonymous_id"))
-
-
 _AID = b'"anonymous_id"'
 
 
-def _decoded(raw: bytes) -> Optional[dict]:
-    """The touchpoint ``raw`` decoded as the identity stage decodes it (``events.wire.decode``), or None where it
-    dead-letters it (undecodable, not an object, no upcaster)."""
+def _foldable_anonymous(raw: bytes) -> Optional[dict]:
+    """The touchpoint ``raw`` decoded as the identity stage decodes it (``events.wire.decode``) when that stage folds
+    it into an anonymous state (anonymous-only, a valid envelope), else None (it carries a lead key, or is
+    dead-lettered: undecodable, not an object, no upcaster, not a valid envelope)."""
     try:
-        return decode(raw)
+        ev = decode(raw)
     except Exception:  # noqa: BLE001 - a poison record: the live identity stage dead-letters it, never folds it
         return None
+    if core.subject_of(ev)[0] is not None or not ev.get("anonymous_id") or check_envelope(ev) is not None:
+        return None
+    return ev
 
 
 def _loads_or_none(raw: bytes) -> Any:
@@ -151,8 +150,8 @@ def _loads_or_none(raw: bytes) -> Any:
 def anonymous_event(raw: bytes, aid: str) -> Optional[dict]:
     """A touchpoint kept raw under its key ``aid`` (``collect_anonymous``), decoded: the event when it is a foldable
     anonymous-only event of ``aid``, else None (it carries a lead key, or the identity stage dead-letters it)."""
-    ev = _decoded(raw)
-    if ev is None or not _is_anonymous_only(ev) or check_envelope(ev) is not None:
+    ev = _foldable_anonymous(raw)
+    if ev is None:
         return None
     if ev["anonymous_id"] != aid:  # collect_anonymous kept it raw under its one "anonymous_id" member: cannot be
         raise ValueError(f"touchpoint {ev.get('event_id')!r} of cookie {ev['anonymous_id']!r} keyed by {aid!r}")
@@ -189,8 +188,8 @@ def collect_anonymous(recs: list, anon: dict[str, list]) -> None:
                     else:
                         g.append(v)
                     continue
-        ev = _decoded(v)
-        if ev is not None and _is_anonymous_only(ev) and check_envelope(ev) is None:
+        ev = _foldable_anonymous(v)
+        if ev is not None:
             anon.setdefault(ev["anonymous_id"], []).append(ev)
 
 

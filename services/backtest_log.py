@@ -100,12 +100,11 @@ async def _reader(bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
 
 
 async def _scan(consumer: AIOKafkaConsumer, topic: str, tps: list, end: dict,
-                on_records: Callable[[int, list], None], begin: Optional[dict] = None) -> None:
-    """``scan_log``'s fetch loop over partitions ``tps`` of ``topic`` from ``begin`` (default: their beginning
-    offsets now) up to ``end``, through ``consumer``. One partition alone is fetched up to FETCH_BYTES at a time."""
+                on_records: Callable[[int, list], None]) -> None:
+    """``scan_log``'s fetch loop over partitions ``tps`` of ``topic`` from their beginning up to ``end``, through
+    ``consumer``. One partition alone is fetched up to FETCH_BYTES at a time."""
     if tps:
-        if begin is None:
-            begin = await consumer.beginning_offsets(tps)
+        begin = await consumer.beginning_offsets(tps)
         pos = {tp: begin[tp] for tp in tps if begin[tp] < end[tp]}
         part_bytes = PARTITION_BYTES if len(tps) > 1 else FETCH_BYTES
         client = consumer._client
@@ -351,8 +350,8 @@ def _fold_shard(bootstrap: str, topics: dict, books: list[list[dict]], ends: dic
 def _fold_child(conn: Any, bootstrap: str, topics: Topics, books: list[RuleBook], tp_ends: dict,
                 ends: dict, claim: Callable[[], Optional[tuple[TopicPartition, int]]]) -> None:
     """Forked worker: read its share of the ``touchpoints`` partitions, swap the anonymous events with the parent
-    (it sends its share, receives the others'), fold one shard of the lead-keyed log and send the result (or the
-    error) back; exit without the interpreter's teardown (freeing every lead state one by one would only cost
+    (it sends its share, receives the others'), fold its share of the lead-keyed partitions and those it claims,
+    and send the result (or the error) back; exit without the interpreter's teardown (freeing every lead state one by one would only cost
     time)."""
     try:
         try:
