@@ -11,7 +11,9 @@ over the table, the unfavourable case for locality), with the production indexes
 
 Then times ``services.audit.replay_lead`` — the index range scan of the lead's rows, the fold of every record
 with derived events built, the per-step report — for ``--samples`` leads drawn uniformly, plus the largest lead,
-with and without ``--explain``. ``--reuse`` keeps an archive already loaded with at least that many events.
+with and without ``--explain``; then the auditors' HTTP route ``GET /v1/leads/{lead}/history?explain=true``
+(the query API in-process: its default page of steps, JSON serialisation included) for the same leads, and the
+largest lead's first and last pages. ``--reuse`` keeps an archive already loaded with at least that many events.
 """
 
 from __future__ import annotations
@@ -192,7 +194,36 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {pct(times, 99) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms; "
               f"largest lead ({out['records']:,} events): {tbig * 1e3:.0f} ms")
     engine.dispose()
+    _time_history_route(url, sample, big[0])
     return 0
+
+
+def _time_history_route(url: str, sample: list[str], big: str) -> None:
+    """The history route as an auditor's client sees it (in-process ASGI: no network, JSON included)."""
+    from fastapi.testclient import TestClient
+
+    from services.query_api import create_app
+
+    auth = {"Authorization": "Bearer bench-auditor"}
+    with TestClient(create_app(url, {"bench-auditor": "auditor"})) as c:
+        def get(lead: str, **params) -> tuple[float, dict, int]:
+            t0 = time.perf_counter()
+            r = c.get(f"/v1/leads/{lead}/history", params={"explain": "true", **params}, headers=auth)
+            dt = time.perf_counter() - t0
+            if r.status_code != 200:
+                raise SystemExit(f"history of {lead}: HTTP {r.status_code} {r.text[:200]}")
+            return dt, r.json(), len(r.content)
+
+        times = [get(lead)[0] for lead in sample]
+        print(f"history API (explain, default page): {len(times)} leads: p50 {pct(times, 50) * 1e3:.1f} ms, "
+              f"p90 {pct(times, 90) * 1e3:.1f} ms, p99 {pct(times, 99) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms")
+        dt, first, size = get(big)
+        line = (f"history API, largest lead ({first['records']:,} records): first page of {len(first['steps']):,} "
+                f"steps {dt * 1e3:.0f} ms ({size / 1e6:.1f} MB)")
+        if first["next_from_seq"] is not None:
+            dt, last, size = get(big, from_seq=first["records"] - len(first["steps"]) + 1)
+            line += f", last page {dt * 1e3:.0f} ms ({size / 1e6:.1f} MB)"
+        print(line)
 
 
 if __name__ == "__main__":

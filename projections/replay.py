@@ -14,6 +14,12 @@ arrived later was not folded at T either). Event time would describe a state the
 events arrive late (their ``occurred_at`` lies before records folded earlier). The record where the prefix stops
 and the number left out are reported.
 
+**A window of steps** (``from_seq``, ``limit``): every record of the prefix is folded (the state needs them all), but
+only the steps from ``from_seq`` on, at most ``limit`` of them, are described; ``next_from_seq`` says where the next
+window starts (None: no step left). A lead with a long history (a crawler behind one email: tens of thousands of
+records) is read page by page instead of in one report of hundreds of MB. Folding a record costs ≈ 7 µs here,
+describing it 10–30 µs more.
+
 Pure: no I/O. PII in payloads stays sealed here (``projections.pii``); the caller reveals what its keystore allows.
 """
 
@@ -104,17 +110,29 @@ def _why(before: dict, after: dict, exp_before: dict, exp_after: dict, factor: f
     }
 
 
-def replay(lead: str, records: Sequence[dict], book: RuleBook, as_of: Any = None, explain: bool = False) -> dict:
-    """Fold ``records`` (the lead's archived log, seq order) and describe every step; see the module doc."""
+def replay(lead: str, records: Sequence[dict], book: RuleBook, as_of: Any = None, explain: bool = False,
+           from_seq: int = 0, limit: Optional[int] = None) -> dict:
+    """Fold ``records`` (the lead's archived log, seq order) and describe its steps from seq ``from_seq`` on, at most
+    ``limit`` of them (None: all); see the module doc."""
     n = as_of_prefix(records, as_of)
     st: Optional[lead_log.LeadLogState] = None
     steps: list[dict] = []
-    exp_prev: dict = {"fit": [], "engagement": []}
+    exp_prev: Optional[dict] = None   # the explanation before the step being described (explain only)
+    next_seq = None
     for r in records[:n]:
         env = dict(r["envelope"])
         is_res = env.get("type") == lead_log.RESOLVE_TYPE
         if not is_res:
             env = upcast(env)
+        if r["seq"] < from_seq or next_seq is not None:
+            st, _ = lead_log.apply(st, lead, env, book)  # outside the window: folded, not described
+            continue
+        if limit is not None and len(steps) >= limit:
+            next_seq = r["seq"]
+            st, _ = lead_log.apply(st, lead, env, book)
+            continue
+        if explain and exp_prev is None:
+            exp_prev = _explain(st, book)
         before = _scores(st)
         t_before = st.lead.t if st is not None else None
         pend = st.pending if st is not None else None
@@ -157,6 +175,7 @@ def replay(lead: str, records: Sequence[dict], book: RuleBook, as_of: Any = None
             "records": len(records), "replayed": n,
             "stopped_at": None if cut is None else {"seq": cut["seq"], "event_id": cut["envelope"].get("event_id"),
                                                     "received_at": _iso(cut.get("received_at"))},
+            "steps_from_seq": from_seq or None, "limit": limit, "next_from_seq": next_seq,
             "steps": steps, "state": state}
 
 

@@ -3,7 +3,9 @@
 ``leadledger audit verify [--lead KEY] [--json]``   walk every lead's hash chain (projections/audit_chain.py);
                                                    exit 1 and one line per problem when anything was altered,
                                                    deleted or reordered
-``leadledger replay --lead KEY [--as-of T] [--explain]``  a lead's history from the archive, folded again
+``leadledger replay --lead KEY [--as-of T] [--explain] [--from-seq N] [--limit N]``
+                                                   a lead's history from the archive, folded again (steps from seq
+                                                   N on, at most --limit of them; the state is the whole history's)
 ``leadledger forget --lead KEY``                   destroy the lead's PII keys (crypto-shredding)
 
 Environment: ``LEADLEDGER_DATABASE_URL`` (the projections/archive), ``LEADLEDGER_KEYSTORE_URL`` (PII keys),
@@ -172,27 +174,27 @@ def reveal(obj, keystore_url: Optional[str]):
     return pii.reveal(obj, keys)
 
 
-def _reveal_replay(out: dict, records: list[dict], keystore_url: Optional[str]) -> dict:
-    """Open the sealed values of a replay where they can be (payloads, joined anonymous attributes, the state's
-    attributes and email) — not by walking the whole report, which is large for long histories."""
+def _reveal_replay(out: dict, keystore_url: Optional[str]) -> dict:
+    """Open the sealed values of a replay where they can be (the described steps' payloads and joined anonymous
+    attributes, the state's attributes and email) — not by walking the whole report, which is large for long
+    histories."""
     from projections import pii
 
-    ids: set[str] = set()
-    for r in records:
-        env = r["envelope"]
-        ids |= pii.key_ids(env.get("payload"))
-        st = env.get("state")
-        if st:
-            ids |= pii.key_ids(st.get("at"))
+    steps = out["steps"]
+    st = out["state"]
+    ids = pii.key_ids(st["attributes"]) | pii.key_ids(st.get("email"))
+    for step in steps:
+        ids |= pii.key_ids(step.get("payload"))
+        if "join" in step:
+            ids |= pii.key_ids(step["join"]["anonymous_attributes"])
     if not ids:
         return out
     keys = _keys(ids, keystore_url)
-    for step in out["steps"]:
+    for step in steps:
         if "payload" in step:
             step["payload"] = pii.reveal(step["payload"], keys)
         if "join" in step:
             step["join"]["anonymous_attributes"] = pii.reveal(step["join"]["anonymous_attributes"], keys)
-    st = out["state"]
     st["attributes"] = pii.reveal(st["attributes"], keys)
     if "email" in st:
         st["email"] = pii.reveal(st["email"], keys)
@@ -200,15 +202,17 @@ def _reveal_replay(out: dict, records: list[dict], keystore_url: Optional[str]) 
 
 
 def replay_lead(engine: sa.Engine, lead: str, book, as_of=None, explain: bool = False,
-                keystore_url: Optional[str] = None) -> Optional[dict]:
-    """Replay ``lead`` from the archive (None when the archive has no record of it)."""
+                keystore_url: Optional[str] = None, from_seq: int = 0, limit: Optional[int] = None) -> Optional[dict]:
+    """Replay ``lead`` from the archive (None when the archive has no record of it); the steps from seq
+    ``from_seq`` on, at most ``limit`` (``projections.replay``)."""
     from projections.replay import replay
 
     with engine.connect() as conn:
         records = lead_archive(conn, lead)
     if not records:
         return None
-    return _reveal_replay(replay(lead, records, book, as_of=as_of, explain=explain), records, keystore_url)
+    return _reveal_replay(replay(lead, records, book, as_of=as_of, explain=explain, from_seq=from_seq, limit=limit),
+                          keystore_url)
 
 
 def _parse_time(s: str):
@@ -227,6 +231,8 @@ def replay_text(out: dict, explain: bool) -> str:
     if out["stopped_at"]:
         s = out["stopped_at"]
         lines.append(f"  (stopped before seq {s['seq']} {s['event_id']}, received {s['received_at']})")
+    if out.get("steps_from_seq") and out["steps_from_seq"] > 1:
+        lines.append(f"  (steps from seq {out['steps_from_seq']} on)")
     for st in out["steps"]:
         b, a = st["before"], st["after"]
         head = f"#{st['seq']:<4} {st['received_at'] or '':<32} {st['type']:<19} {st['event_id']}"
@@ -261,6 +267,8 @@ def replay_text(out: dict, explain: bool) -> str:
                 lines.append(f"      intent alert {c['rule']} (first {c['first_event_id']})")
             elif c["type"] == "event_rejected":
                 lines.append(f"      rejected: {c['reason']}")
+    if out.get("next_from_seq") is not None:
+        lines.append(f"  ... {out['limit']} steps shown; the next ones: --from-seq {out['next_from_seq']}")
     s = out["state"]
     lines.append(f"state: stage {s['stage']}, fit {s['fit']}, engagement {s['engagement']:.6f}, "
                  f"score {s['score']:.6f}, hand-offs {s['handoffs']}, rules {s.get('rules_version')}")
@@ -274,13 +282,16 @@ def replay_text(out: dict, explain: bool) -> str:
 
 
 def replay_main(argv: Optional[list[str]] = None) -> int:
-    """``leadledger replay --lead KEY [--as-of T] [--explain] [--json]``."""
+    """``leadledger replay --lead KEY [--as-of T] [--explain] [--from-seq N] [--limit N] [--json]``."""
     p = argparse.ArgumentParser(prog="leadledger replay",
                                 description="replay one lead from the immutable archive, as of any instant")
     p.add_argument("--lead", required=True, help="the lead key (lead_id, else normalised email)")
     p.add_argument("--as-of", type=_parse_time, help="state after every record that had arrived by this instant")
     p.add_argument("--explain", action="store_true", help="the rules and points behind every change")
     p.add_argument("--json", action="store_true", help="print the replay as JSON")
+    p.add_argument("--from-seq", type=int, default=0, metavar="N", help="describe the steps from seq N on")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="describe at most N steps (the state is still the whole history's)")
     p.add_argument("--database-url", default=None, help="projections database (env LEADLEDGER_DATABASE_URL)")
     p.add_argument("--rules", action="append", help="rule-set file(s) (default: LEADLEDGER_RULES, as the processor)")
     p.add_argument("--rules-from-log", action="store_true", help="use the rule sets published on the rules topic")
@@ -292,7 +303,7 @@ def replay_main(argv: Optional[list[str]] = None) -> int:
     book = load_book(a.rules, a.rules_from_log, a.bootstrap)
     engine = sql_schema.make_engine(_db_url(a.database_url))
     try:
-        out = replay_lead(engine, a.lead.strip(), book, a.as_of, a.explain, keystore_url())
+        out = replay_lead(engine, a.lead.strip(), book, a.as_of, a.explain, keystore_url(), a.from_seq, a.limit)
     finally:
         engine.dispose()
     if out is None:

@@ -149,6 +149,85 @@ def test_cli_replay_text_and_json(archived, capsys) -> None:
     assert report["ok"] and report["records"] == len({r["event_id"] for r in archived["log"]})  # duplicates once
 
 
+def _largest_leads(archived, n: int) -> list[str]:
+    count: dict[str, int] = {}
+    for r in archived["log"]:
+        count[r["lead"]] = count.get(r["lead"], 0) + 1
+    return sorted(count, key=lambda k: (-count[k], k))[:n]
+
+
+@pytest.mark.parametrize("limit", [1, 7, 50])
+def test_pages_of_steps_add_up_to_the_whole_replay(archived, limit) -> None:
+    """Page after page (``next_from_seq``) gives the whole replay's steps, each explained exactly as there, and
+    every page carries the whole history's state; also as of an instant."""
+    mid = datetime.fromisoformat(archived["events"][2000]["received_at"])
+    for lead in _largest_leads(archived, 4):
+        for as_of in (None, mid):
+            whole = audit.replay_lead(archived["engine"], lead, BOOK, as_of=as_of, explain=True)
+            assert whole["next_from_seq"] is None
+            steps, start, pages = [], 0, 0
+            while start is not None:
+                page = audit.replay_lead(archived["engine"], lead, BOOK, as_of=as_of, explain=True,
+                                         from_seq=start, limit=limit)
+                assert len(page["steps"]) <= limit and page["state"] == whole["state"]
+                assert page["replayed"] == whole["replayed"] and page["stopped_at"] == whole["stopped_at"]
+                if page["next_from_seq"] is not None:
+                    assert len(page["steps"]) == limit and page["next_from_seq"] > page["steps"][-1]["seq"]
+                steps += page["steps"]
+                start = page["next_from_seq"]
+                pages += 1
+            assert steps == whole["steps"] and len(steps) == whole["replayed"]
+            assert pages == max(1, -(-len(steps) // limit))
+
+
+def test_a_window_in_the_middle_equals_that_part_of_the_whole_replay(archived) -> None:
+    lead = _largest_leads(archived, 1)[0]
+    whole = audit.replay_lead(archived["engine"], lead, BOOK, explain=True)
+    seqs = [s["seq"] for s in whole["steps"]]
+    k = len(seqs) // 2
+    page = audit.replay_lead(archived["engine"], lead, BOOK, explain=True, from_seq=seqs[k], limit=5)
+    assert page["steps"] == whole["steps"][k:k + 5] and page["next_from_seq"] == seqs[k + 5]
+    assert audit.replay_lead(archived["engine"], lead, BOOK, from_seq=seqs[-1] + 1)["steps"] == []
+
+
+def test_history_api_pages_and_refuses_bad_windows(archived) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.audit_api import HISTORY_MAX_PAGE
+    from services.query_api import create_app
+
+    lead = _largest_leads(archived, 1)[0]
+    whole = audit.replay_lead(archived["engine"], lead, BOOK)
+    auth = {"Authorization": "Bearer t-audit"}
+    with TestClient(create_app(archived["url"], {"t-audit": "auditor"})) as c:
+        r = c.get(f"/v1/leads/{lead}/history", params={"limit": 3}, headers=auth)
+        assert r.status_code == 200
+        body = r.json()
+        assert [s["seq"] for s in body["steps"]] == [s["seq"] for s in whole["steps"][:3]]
+        assert body["next_from_seq"] == whole["steps"][3]["seq"] and body["limit"] == 3
+        assert body["state"]["score"] == pytest.approx(whole["state"]["score"], abs=1e-9)
+        r = c.get(f"/v1/leads/{lead}/history", params={"from_seq": body["next_from_seq"], "limit": 3}, headers=auth)
+        assert [s["seq"] for s in r.json()["steps"]] == [s["seq"] for s in whole["steps"][3:6]]
+        r = c.get(f"/v1/leads/{lead}/history", headers=auth)  # the default page holds this whole lead
+        assert len(r.json()["steps"]) == len(whole["steps"]) and r.json()["next_from_seq"] is None
+        for bad in ({"limit": 0}, {"limit": HISTORY_MAX_PAGE + 1}, {"from_seq": 0}, {"limit": "many"}):
+            r = c.get(f"/v1/leads/{lead}/history", params=bad, headers=auth)
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", next(iter(bad))], bad
+
+
+def test_cli_replay_pages(archived, capsys) -> None:
+    lead = _largest_leads(archived, 1)[0]
+    whole = audit.replay_lead(archived["engine"], lead, BOOK)
+    second = whole["steps"][4]["seq"]
+    assert audit.replay_main(["--lead", lead, "--database-url", archived["url"], "--limit", "4"]) == 0
+    text = capsys.readouterr().out
+    assert f"4 steps shown; the next ones: --from-seq {second}" in text and text.count("\n#") == 4
+    assert audit.replay_main(["--lead", lead, "--database-url", archived["url"], "--from-seq", str(second),
+                              "--limit", "2", "--json"]) == 0
+    out = orjson.loads(capsys.readouterr().out)
+    assert [s["seq"] for s in out["steps"]] == [s["seq"] for s in whole["steps"][4:6]]
+
+
 def test_backtest_fold_mirrors_the_lead_log_fold(archived) -> None:
     """projections.log_fold.LogFold (no derived events, join states rebuilt from the anonymous events) ends in
     the same states and MQL hand-offs as projections.lead_log.apply over the same lead-keyed log."""
