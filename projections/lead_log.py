@@ -61,8 +61,9 @@ class LeadLogState:
 
 
 def apply(st: Optional[LeadLogState], key: str, rec: dict[str, Any],
-          book: RuleBook) -> tuple[LeadLogState, list[dict]]:
-    """Fold one record of the lead-keyed log into lead `key`; returns (state, derived events)."""
+          book: RuleBook, emit: bool = True) -> tuple[LeadLogState, list[dict]]:
+    """Fold one record of the lead-keyed log into lead `key`; returns (state, derived events). ``emit=False``: the
+    same state, no derived events built (a replay's records outside the window it describes)."""
     if st is None:
         st = LeadLogState(core.LeadState(key, False))
     out: list[dict] = []
@@ -74,16 +75,16 @@ def apply(st: Optional[LeadLogState], key: str, rec: dict[str, Any],
         _remember(st, p[0])
         anon = core.LeadState.from_dict(rec["state"]) if rec.get("state") else None
         held = p[2]
-        _, derived = core.fold(st.lead, held[0], book, merge_from=anon)
+        _, derived = core.fold(st.lead, held[0], book, merge_from=anon, emit=emit)
         out.extend(derived)
         for r in held[1:]:
-            _touchpoint(st, r, book, out)
+            _touchpoint(st, r, book, out, emit)
         return st, out
     problem = check_envelope(rec)
     if problem is not None:  # written past the ingest API's validation: refused, the state untouched
         out.append(refusal(key, rec, problem))
         return st, out
-    _touchpoint(st, rec, book, out)
+    _touchpoint(st, rec, book, out, emit)
     return st, out
 
 
@@ -99,7 +100,7 @@ def refusal(lead: str, rec: Any, problem: str) -> dict[str, Any]:
             "event": rec}
 
 
-def _touchpoint(st: LeadLogState, rec: dict[str, Any], book: RuleBook, out: list[dict]) -> None:
+def _touchpoint(st: LeadLogState, rec: dict[str, Any], book: RuleBook, out: list[dict], emit: bool = True) -> None:
     lead = st.lead
     eid = rec.get("event_id")
     if eid in lead.seen or eid in lead.seen_old:
@@ -111,7 +112,7 @@ def _touchpoint(st: LeadLogState, rec: dict[str, Any], book: RuleBook, out: list
     if aid and aid not in st.resolved and core.subject_of(rec)[0] is not None:
         st.pending = [aid, rec["event_id"], [rec]]  # wait for stage 1: is this the join?
         return
-    out.extend(core.fold(st.lead, rec, book)[1])
+    out.extend(core.fold(st.lead, rec, book, emit=emit)[1])
 
 
 def _remember(st: LeadLogState, aid: str) -> None:

@@ -124,12 +124,10 @@ def replay(lead: str, records: Sequence[dict], book: RuleBook, as_of: Any = None
         is_res = env.get("type") == lead_log.RESOLVE_TYPE
         if not is_res:
             env = upcast(env)
-        if r["seq"] < from_seq or next_seq is not None:
-            st, _ = lead_log.apply(st, lead, env, book)  # outside the window: folded, not described
-            continue
-        if limit is not None and len(steps) >= limit:
+        if limit is not None and len(steps) >= limit and next_seq is None and r["seq"] >= from_seq:
             next_seq = r["seq"]
-            st, _ = lead_log.apply(st, lead, env, book)
+        if r["seq"] < from_seq or next_seq is not None:
+            st, _ = lead_log.apply(st, lead, env, book, emit=False)  # outside the window: folded, not described
             continue
         if explain and exp_prev is None:
             exp_prev = _explain(st, book)
