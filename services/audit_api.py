@@ -11,7 +11,7 @@ Rules: ``LEADLEDGER_RULES`` (the processor's), loaded once.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -24,6 +24,7 @@ HISTORY_MAX_PAGE = 10_000  # a page's steps at most (≈ 7-10 MB of JSON)
 def add_history_route(app: FastAPI, engine, tokens: dict[str, str], book=None,
                       keystore_url: Optional[str] = None) -> None:
     from services.audit import replay_lead
+    from services.query_api import json_response
     from services.keystore import keystore_url as env_keystore
     from services.rules_log import load_book
 
@@ -48,9 +49,7 @@ def add_history_route(app: FastAPI, engine, tokens: dict[str, str], book=None,
                 explain: bool = Query(False, description="the rules and points behind every change"),
                 from_seq: int = Query(1, ge=1, description="the first step of the page (a record's seq)"),
                 limit: int = Query(HISTORY_PAGE, ge=1, le=HISTORY_MAX_PAGE,
-                                   description="steps per page; next_from_seq starts the next one")) -> dict[str, Any]:
-        # the return type makes FastAPI serialise with pydantic's JSON encoder: for a page of 10,000 steps ≈ 0.04 s
-        # instead of ≈ 1 s through jsonable_encoder
+                                   description="steps per page; next_from_seq starts the next one")):
         if as_of is not None and as_of.tzinfo is None:
             raise HTTPException(status_code=422, detail=[{"loc": ["query", "as_of"], "msg": "an offset is required",
                                                           "type": "value_error"}])
@@ -60,4 +59,4 @@ def add_history_route(app: FastAPI, engine, tokens: dict[str, str], book=None,
                           ks_url, from_seq=from_seq, limit=limit)
         if out is None:
             raise HTTPException(status_code=404, detail=f"no archived record of lead {lead!r}")
-        return out
+        return json_response(out)  # orjson: FastAPI's jsonable_encoder took 1.2 s of 2.9 s for 20,000 steps
