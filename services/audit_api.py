@@ -24,8 +24,8 @@ HISTORY_MAX_PAGE = 10_000  # a page's steps at most (≈ 7-10 MB of JSON)
 def add_history_route(app: FastAPI, engine, tokens: dict[str, str], book=None,
                       keystore_url: Optional[str] = None) -> None:
     from services.audit import replay_lead
-    from services.query_api import json_response
     from services.keystore import keystore_url as env_keystore
+    from services.query_api import json_response
     from services.rules_log import load_book
 
     bearer = HTTPBearer(auto_error=False)

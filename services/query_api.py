@@ -479,7 +479,7 @@ def create_app(database_url: str, tokens: dict[str, str] | None = None) -> FastA
         if not out and group_by is None:
             out.append({"group": None, **{k: v for k, v in funnel_metrics([]).items() if k != "reached"}})
         return json_response({"group_by": group_by, "from": date_from, "to": date_to,
-                      "stage_path": list(FUNNEL_PATH), "groups": out, "sla": sla})
+                              "stage_path": list(FUNNEL_PATH), "groups": out, "sla": sla})
 
     @app.get("/v1/forecast", summary="MQLs and SQLs needed now to win N deals in D days, from measured rates")
     def forecast(
