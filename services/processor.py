@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hashlib
 import logging
 import os
@@ -42,7 +41,7 @@ from events.wire import check_envelope, decode
 from projections import fold as core
 from projections import lead_log
 from projections.rules import RuleBook
-from services import faust_consumer, kafka_io
+from services import faust_consumer, kafka_io, runtime
 from services.config import Settings, settings as load_settings
 
 log = logging.getLogger("leadledger.processor")
@@ -669,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     # that walk every cached lead state and faust's/aiokafka's objects, pausing the agents: hand-off p99 at 1,000
     # events/s 1.4-1.6 s with them, 0.54-0.61 s with these (bench_processor, two alternated pairs, docs/design.md).
     # Nothing here relies on the GC: states and records hold no cycles, reference counting frees them.
-    gc.set_threshold(50_000, 20, 100)
+    runtime.tune_gc(freeze=False)
     cfg = load_settings()
     app = create_app(cfg)
     # faust declares a table's changelog only when the topic is missing, and by then a metadata request for it had
