@@ -244,10 +244,11 @@ async def processor_rate(events: list[dict], partitions: int, workers: int, logd
 
 async def handoff_latency(partitions: int, seconds: float, rate: int, logdir: Path, commit_interval: float,
                           created: list[str], workers: int = 1, warmup: float = 0.0
-                          ) -> tuple[list[float], int, int, float, list[float]]:
-    """Latencies (ms) of the hand-offs seen, hand-offs expected, events sent, achieved events/s, and the latencies
+                          ) -> tuple[list[float], int, int, float, list[float], list[tuple[float, float]]]:
+    """Latencies (ms) of the hand-offs seen, hand-offs expected, events sent, achieved events/s, the latencies
     of the first `warmup` seconds, which run the same schedule and are not counted in the others (a cold start
-    queues: the first requests to the ingest app, a worker's first batches). Every 0.1 s: one lead's form +
+    queues: the first requests to the ingest app, a worker's first batches), and the timeline of the counted ones:
+    (seconds since the measured part began, latency ms) in acknowledgement order. Every 0.1 s: one lead's form +
     meeting and `rate/10 - 3` page views of 5,000 other leads in one request, then the lead's seminar (the decisive
     touchpoint) in a request of its own."""
     suffix = f"lat{RUN}r{rate}w{workers}"
@@ -342,9 +343,21 @@ async def handoff_latency(partitions: int, seconds: float, rate: int, logdir: Pa
         for w in ws:
             w.stop()
         shutil.rmtree(ROOT / "var" / "processor" / env["LEADLEDGER_PROCESSOR_ID"], ignore_errors=True)
-    lat = sorted((arrived[e] - acked[e]) * 1000 for e in acked if e in arrived and e not in warm)
+    timeline = [(acked[e] - t_start, (arrived[e] - acked[e]) * 1000) for e in acked if e in arrived and e not in warm]
+    lat = sorted(x[1] for x in timeline)
     warm_lat = sorted((arrived[e] - acked[e]) * 1000 for e in warm if e in arrived)
-    return lat, len(acked) - len(warm), sent, sent / t_run if t_run else 0.0, warm_lat
+    return lat, len(acked) - len(warm), sent, sent / t_run if t_run else 0.0, warm_lat, timeline
+
+
+def windows(timeline: list[tuple[float, float]], width: float = 10.0) -> str:
+    """p99 (ms) of each ``width``-second window of a latency timeline, and where the worst latency fell: tells a
+    transient (one stall) from a steady state over the goal."""
+    groups: dict[int, list[float]] = {}
+    for t, ms in timeline:
+        groups.setdefault(int(t // width), []).append(ms)
+    worst = max(timeline, key=lambda x: x[1], default=None)
+    return (f"p99 per {width:.0f} s window: " + " / ".join(f"{pct(sorted(v), 99):.0f}" for _k, v in sorted(groups.items()))
+            + (f" ms; worst {worst[1]:.0f} ms at +{worst[0]:.1f} s" if worst else ""))
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -388,13 +401,13 @@ async def main_async(a: argparse.Namespace) -> None:
         lax, lax_s, lax_how = await processor_rate(events, a.partitions, 1, logdir, a.relaxed_commit_interval,
                                                    created)
         say("hand-off latency")
-        lat, expected, sent, rate, warm = await handoff_latency(a.partitions, a.latency_seconds, a.latency_rate,
+        lat, expected, sent, rate, warm, timeline = await handoff_latency(a.partitions, a.latency_seconds, a.latency_rate,
                                                                 logdir, a.commit_interval, created, a.latency_workers,
                                                                 a.latency_warmup)
         lat2: list[float] = []
         if a.floor_rate:
             say("hand-off latency, light load")
-            lat2, expected2, sent2, rate2, _ = await handoff_latency(a.partitions, a.floor_seconds, a.floor_rate,
+            lat2, expected2, sent2, rate2, _, _ = await handoff_latency(a.partitions, a.floor_seconds, a.floor_rate,
                                                                      logdir, a.commit_interval, created,
                                                                      a.latency_workers, a.latency_warmup)
     finally:
@@ -420,6 +433,7 @@ async def main_async(a: argparse.Namespace) -> None:
           f"{len(lat)} of {expected} hand-offs seen: p50 {pct(lat, 50):.0f} ms, p99 {pct(lat, 99):.0f} ms, "
           f"max {max(lat, default=float('nan')):.0f} ms, mean {statistics.fmean(lat) if lat else float('nan'):.0f} ms "
           f"(goal p99 < 250 ms)")
+    print(f"    {windows(timeline)}")
     print(f"    its first {a.latency_warmup:.0f} s (warm-up, the same schedule, not counted above): "
           f"{len(warm)} hand-offs seen: p50 {pct(warm, 50):.0f} ms, p99 {pct(warm, 99):.0f} ms, max {max(warm, default=float('nan')):.0f} ms")
     if a.floor_rate:
