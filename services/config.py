@@ -6,6 +6,15 @@ import os
 from dataclasses import dataclass, field
 
 
+#: the rule-set files shipped with the project (deploy/rules: the default, and the demo's candidate)
+RULES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "rules")
+
+
+def default_rules_paths() -> list[str]:
+    """The processor's rule files when ``LEADLEDGER_RULES`` is not set."""
+    return [os.path.join(RULES_DIR, "default.yaml")]
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from services.config import Settings, settings as load_settings
+from services.config import RULES_DIR, Settings, settings as load_settings
 
 API_KEY = os.environ.get("LEADLEDGER_DEMO_API_KEY", "dev-crm-key")
 
@@ -164,9 +164,7 @@ async def show_projections(leads: list[str], timeout: float = 30.0) -> None:
     print(f"hot-lead board for inside sales: {board} (token dev-sales-token)")
 
 
-
-CANDIDATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "rules",
-                         "candidate.yaml")
+CANDIDATE = os.path.join(RULES_DIR, "candidate.yaml")
 
 
 async def show_audit(cfg: Settings, leads: list[str], timeout: float = 30.0) -> None:

@@ -42,7 +42,7 @@ from projections import fold as core
 from projections import lead_log
 from projections.rules import RuleBook
 from services import faust_consumer, kafka_io, runtime
-from services.config import Settings, settings as load_settings
+from services.config import Settings, default_rules_paths, settings as load_settings
 
 log = logging.getLogger("leadledger.processor")
 
@@ -53,10 +53,6 @@ RESTART_EXIT = 70  # exit status of a worker that stopped on purpose and asks it
 LEAD_CACHE_SIZE = int(os.environ.get("LEADLEDGER_LEAD_CACHE", "20000"))  # decoded lead states kept
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def default_rules_paths() -> list[str]:
-    return [os.path.join(ROOT, "deploy", "rules", "default.yaml")]
 
 
 class QuietWorker(faust.Worker):

@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 import orjson
 
 from projections.rules import RuleBook, RuleSet, RuleSetError, load_rule_sets
-from services.config import Settings
+from services.config import Settings, default_rules_paths
 from services.derived_reader import read_log
 from services.kafka_io import ensure_topics, make_producer
 
@@ -119,8 +119,7 @@ def load_book(rules: Optional[list[str]], from_log: bool = False, bootstrap: Opt
         return RuleBook.from_paths(rules)
     paths = [p for p in os.environ.get("LEADLEDGER_RULES", "").split(",") if p]
     if not paths:
-        paths = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy", "rules",
-                              "default.yaml")]
+        paths = default_rules_paths()
     return RuleBook.from_paths(paths)
 
 

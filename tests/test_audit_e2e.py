@@ -35,12 +35,12 @@ from projections.fold import normalise_email
 from projections.replay import explanation_totals
 from projections.rules import RuleBook, load_rule_sets
 from services import audit, backtest_log
+from services.config import RULES_DIR, default_rules_paths
 from services.demo import API_KEY, journeys
 from services.derived_reader import read_log, read_topic
 from services.ingest import IngestConfig, create_app as ingest_app
 from services.keystore import Keystore, reveal_records
 from services.kafka_io import ensure_topics, make_producer
-from services.processor import default_rules_paths
 from services.projector import Projector
 from services.query_api import create_app as query_app
 from services.rules_log import book_from_log, publish
@@ -232,7 +232,7 @@ async def test_backtest_of_rules_in_force_reproduces_live_mqls(run, tmp_path: Pa
     assert sharded["records"] == folded["records"] and sharded["leads"] == folded["leads"]
 
     # a looser candidate over a window: MQLs only earlier or new, never later or lost; CSV of the differences
-    loose = Path(default_rules_paths()[0]).parent / "candidate.yaml"  # the default with min_engagement 25
+    loose = Path(RULES_DIR) / "candidate.yaml"  # the default with min_engagement 25
     out_csv = tmp_path / "diff.csv"
     env = {**os.environ, "LEADLEDGER_TOPIC_RULES": run["rules_topic"]}
     # the window covers the whole history: a looser rule can then only make a lead's first MQL earlier (or new);
