@@ -320,11 +320,11 @@ def _balanced_ends(ends: dict, shards: int) -> list[dict]:
     same result (leads are independent); a balanced one finishes sooner."""
     load = [0] * shards
     owner = {}
-    for tp, n in sorted(ends.items(), key=lambda x: (-x[1], x[0].partition)):
+    for tp in _largest_first(ends):
         i = min(range(shards), key=lambda j: (load[j], j))
         owner[tp] = i
-        load[i] += n
-    return [{tp: (n if owner[tp] == i else 0) for tp, n in ends.items()} for i in range(shards)]
+        load[i] += ends[tp]
+    return [{tp: (n if owner.get(tp) == i else 0) for tp, n in ends.items()} for i in range(shards)]
 
 
 def fold_log(bootstrap: str, topics: Topics, books: list[RuleBook], ends: Optional[dict] = None) -> dict:
@@ -351,8 +351,8 @@ def _fold_child(conn: Any, bootstrap: str, topics: Topics, books: list[RuleBook]
                 ends: dict, claim: Callable[[], Optional[tuple[TopicPartition, int]]]) -> None:
     """Forked worker: read its share of the ``touchpoints`` partitions, swap the anonymous events with the parent
     (it sends its share, receives the others'), fold its share of the lead-keyed partitions and those it claims,
-    and send the result (or the error) back; exit without the interpreter's teardown (freeing every lead state one by one would only cost
-    time)."""
+    and send the result (or the error) back; exit without the interpreter's teardown (freeing every lead state one
+    by one would only cost time)."""
     try:
         try:
             n_tp, mine = asyncio.run(read_anonymous(bootstrap, topics.touchpoints, tp_ends))
